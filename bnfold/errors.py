@@ -1,0 +1,10 @@
+"""Exceptions. A `BnfoldError` is misuse or bad input: its message says what is wrong and how to fix it,
+and the command line prints it as one line and exits 2. Anything else escaping the library is a bug."""
+
+
+class BnfoldError(Exception):
+    """Bad input or misuse; the message is one line naming the problem and the fix."""
+
+
+class InvalidStatisticsError(BnfoldError):
+    """A BatchNorm carries non-finite parameters or running_var + eps <= 0."""

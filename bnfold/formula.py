@@ -1,0 +1,177 @@
+"""The fold formula, shared by every front end (ONNX graphs and PyTorch modules).
+
+Inference-mode BatchNorm is a per-channel affine map::
+
+    y = gamma * (x - mean) / sqrt(var + eps) + beta  =  scale * x + shift
+    scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
+
+Folding it *backward* into the layer that produced x (Conv, ConvTranspose, Gemm/Linear, MatMul) scales that
+layer's output channels: ``W' = W * scale`` (on the output-channel axis), ``b' = b * scale + shift``.
+Folding it *forward* into the layer that consumes y scales that layer's input channels:
+``W' = W * scale`` (on the input-channel axis), ``b' = b + W . shift``; this is exact only when every input value
+the consumer reads is a BN output (no zero padding).
+
+All arithmetic is float64; the caller casts once to the model's dtype with :func:`cast_checked`.
+
+Weight layouts (``layout``):
+
+* ``"out_in"``: the output channel is axis 0, the input channel axis 1: Conv ``(M, C/g, k...)``,
+  torch Linear ``(N, K)``, Gemm with ``transB=1``.
+* ``"in_out"``: the input channel is axis 0, the output channel axis 1: ConvTranspose ``(C, M/g, k...)``,
+  Gemm with ``transB=0`` and MatMul ``(K, N)``.
+
+``groups`` splits both channel axes into ``groups`` blocks; block ``g`` of inputs feeds block ``g`` of outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnfold.errors import InvalidStatisticsError
+
+__all__ = [
+    "Affine",
+    "bn_affine",
+    "fold_backward",
+    "fold_forward",
+    "cast_checked",
+    "CastOverflow",
+]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-channel affine map ``y = scale * x + shift`` in float64, one value per channel."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    def then(self, other: Affine) -> Affine:
+        """The composition ``other(self(x))``."""
+        return Affine(self.scale * other.scale, self.shift * other.scale + other.shift)
+
+
+def _f64(a, n: int | None = None, fill: float = 0.0) -> np.ndarray:
+    if a is None:
+        assert n is not None
+        return np.full((n,), fill, dtype=np.float64)
+    return np.asarray(a, dtype=np.float64).reshape(-1)
+
+
+def bn_affine(gamma, beta, mean, var, eps: float, *, name: str = "BatchNorm") -> Affine:
+    """Per-channel ``(scale, shift)`` of an inference BatchNorm, in float64.
+
+    ``gamma``/``beta`` may be None (BN without affine parameters). Raises :class:`InvalidStatisticsError`,
+    naming ``name``, for non-finite parameters or ``var + eps <= 0``.
+    """
+    mean64 = _f64(mean)
+    var64 = _f64(var)
+    n = mean64.shape[0]
+    if var64.shape[0] != n:
+        raise InvalidStatisticsError(
+            f"BatchNorm '{name}': running_mean has {n} channels but running_var has {var64.shape[0]}; "
+            "the model is malformed: re-export it"
+        )
+    gamma64 = _f64(gamma, n, 1.0)
+    beta64 = _f64(beta, n, 0.0)
+    for label, arr in (("scale (gamma)", gamma64), ("bias (beta)", beta64), ("mean", mean64), ("var", var64)):
+        if arr.shape[0] != n:
+            raise InvalidStatisticsError(
+                f"BatchNorm '{name}': {label} has {arr.shape[0]} channels, expected {n}; the model is malformed"
+            )
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if bad.size:
+            raise InvalidStatisticsError(
+                f"BatchNorm '{name}': {label} is not finite at channel {int(bad[0])} ({arr[bad[0]]!r}); "
+                "recalibrate the statistics (bnfold calibrate) or fix the checkpoint"
+            )
+    eps64 = float(eps)
+    denom = var64 + eps64
+    bad = np.flatnonzero(denom <= 0)
+    if bad.size:
+        c = int(bad[0])
+        raise InvalidStatisticsError(
+            f"BatchNorm '{name}': var + eps <= 0 at channel {c} (var={var64[c]!r}, eps={eps64!r}); "
+            "the running variance is invalid: recalibrate the statistics (bnfold calibrate)"
+        )
+    scale = gamma64 / np.sqrt(denom)
+    shift = beta64 - mean64 * scale
+    return Affine(scale, shift)
+
+
+def _axes(layout: str) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a weight in ``layout``."""
+    if layout == "out_in":
+        return 0, 1
+    if layout == "in_out":
+        return 1, 0
+    raise ValueError(f"unknown weight layout {layout!r}")
+
+
+def _per_element(values: np.ndarray, shape, axis: int, groups: int) -> np.ndarray:
+    """Broadcastable array holding, for each weight element, ``values`` of the channel it touches on ``axis``.
+
+    Axis 0 holds all its channels; axis 1 holds ``channels / groups`` of them, the group given by axis 0's
+    block: element ``(i0, i1)`` touches channel ``(i0 // (shape[0] / groups)) * shape[1] + i1``.
+    """
+    ndim = len(shape)
+    if axis == 0:
+        assert shape[0] == values.shape[0], (shape, values.shape)
+        return values.reshape((shape[0],) + (1,) * (ndim - 1))
+    assert shape[1] * groups == values.shape[0] and shape[0] % groups == 0, (shape, groups, values.shape)
+    v = np.repeat(values.reshape(groups, shape[1]), shape[0] // groups, axis=0)
+    return v.reshape(v.shape + (1,) * (ndim - 2))
+
+
+def fold_backward(weight, bias, affine: Affine, *, layout: str = "out_in", groups: int = 1):
+    """Fold ``affine`` (applied to this layer's output) into the layer. Returns float64 ``(weight, bias)``.
+
+    ``bias`` may be None (treated as 0) or any array broadcastable against the channels on its last axis
+    (Gemm's C of shape ``(M, N)``, ``(1, N)``, a scalar...); the result has the broadcast shape.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    out_axis, _ = _axes(layout)
+    w_new = w * _per_element(affine.scale, w.shape, out_axis, groups)
+    b = np.zeros((affine.channels,), np.float64) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w_new, b * affine.scale + affine.shift
+
+
+def fold_forward(weight, bias, affine: Affine, *, layout: str = "out_in", groups: int = 1):
+    """Fold ``affine`` (applied to this layer's input) into the layer. Returns float64 ``(weight, bias)``.
+
+    The bias gains the layer's response to the constant ``shift`` (for a conv: the sum over the kernel
+    window), which is exact only when the layer reads no padding (the caller checks). ``bias`` None is 0.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    out_axis, in_axis = _axes(layout)
+    if layout == "in_out" and groups != 1:
+        raise ValueError("forward fold into a grouped in_out weight is not defined")
+    w_new = w * _per_element(affine.scale, w.shape, in_axis, groups)
+    t = _per_element(affine.shift, w.shape, in_axis, groups)
+    resp = (w * t).sum(axis=tuple(a for a in range(w.ndim) if a != out_axis))
+    b = np.zeros_like(resp) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w_new, b + resp
+
+
+class CastOverflow(ValueError):
+    """A folded float64 value does not fit the model's dtype."""
+
+
+def cast_checked(values: np.ndarray, dtype, *, what: str) -> np.ndarray:
+    """Cast float64 ``values`` to ``dtype`` once; raise :class:`CastOverflow` if a finite value becomes inf."""
+    out = np.asarray(values).astype(dtype)
+    if np.issubdtype(np.asarray(values).dtype, np.floating):
+        finite_in = np.isfinite(values)
+        finite_out = np.isfinite(out.astype(np.float64))
+        bad = np.flatnonzero((finite_in & ~finite_out).reshape(-1))
+        if bad.size:
+            raise CastOverflow(
+                f"{what}: folded value {np.asarray(values).reshape(-1)[bad[0]]:.6g} overflows {np.dtype(dtype).name}"
+            )
+    return out

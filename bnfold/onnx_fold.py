@@ -1,0 +1,705 @@
+"""The ONNX fold pass: fold every BatchNormalization that can be folded exactly, in any ONNX model.
+
+For each BatchNormalization (in the main graph and in If/Loop/Scan bodies), in graph order:
+
+1. *check the node itself*: inference mode, no statistics outputs, ``spatial=1``, constant parameters
+   (parameters computed from constants only are evaluated first); invalid statistics raise.
+2. *backward*: fold into the producer (Conv, ConvTranspose, Gemm, MatMul[+Add]) when BN is the only user of
+   the producer's output;
+3. *forward*: otherwise fold into the only consumer (Conv without padding, Gemm, MatMul);
+4. *lower* (optional): otherwise rewrite it as Mul+Add;
+5. otherwise *skip*, with a reason code (see :data:`bnfold.report.REASONS`).
+
+Per-channel Mul/Add/Sub/Div by constants right after a producer (the way TensorFlow converters emit BN) fold
+backward the same way. Every rule first checks, then rewrites; nothing is changed for a skipped node. The caller
+gets a fresh model; the input ``ModelProto`` is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from bnfold import formula
+from bnfold._version import __version__
+from bnfold.errors import BnfoldError
+from bnfold.onnx_io import default_opset
+from bnfold.report import FoldEntry, FoldReport
+
+log = logging.getLogger(__name__)
+
+PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONSUMERS = ("Conv", "Gemm", "MatMul")
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+_MAX_EVAL_DEPTH = 32
+METADATA_KEY = "bnfold"
+
+
+@dataclass
+class FoldOptions:
+    """Switches of the ONNX pass."""
+
+    forward: bool = True  #: fold into the consumer when the producer cannot take it
+    affine_chains: bool = True  #: fold per-channel Mul/Add/Sub/Div by constants after a producer
+    lower_standalone: bool = False  #: rewrite a BN with no foldable neighbour as Mul+Add
+
+
+class _Skip(Exception):
+    """A rule does not apply: carries the reason code and message. ``applicable`` tells whether the rule's
+    pattern matched at all (a matched-but-refused reason is more informative than 'no neighbour')."""
+
+    def __init__(self, code: str, message: str, applicable: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.applicable = applicable
+
+
+def _node_label(node: gs.Node) -> str:
+    if node.name:
+        return node.name
+    out = next((t.name for t in node.outputs if t.name), "?")
+    return f"{node.op}@{out}"
+
+
+def _is_float(dtype) -> bool:
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        return False
+    return d.kind == "f" or d.name == "bfloat16"
+
+
+def _iter_graphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from _iter_graphs(value)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    if isinstance(v, gs.Graph):
+                        yield from _iter_graphs(v)
+
+
+class _Folder:
+    def __init__(self, model: onnx.ModelProto, options: FoldOptions):
+        self.model = model
+        self.options = options
+        self.opset = default_opset(model) or 1
+        self.root = gs.import_onnx(model)
+        self.graphs = list(_iter_graphs(self.root))
+        self.all_outputs = {id(t) for g in self.graphs for t in g.outputs}
+        self.names = {name for g in self.graphs for name in g.tensors()}
+        self.names.update(n.name for g in self.graphs for n in g.nodes if n.name)
+        self.entries: list[FoldEntry] = []
+        self._const_cache: dict[int, np.ndarray | None] = {}
+        self._ranks: dict[str, int] | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def uses(self, t: gs.Tensor) -> int:
+        return len(t.outputs) + (1 if id(t) in self.all_outputs else 0)
+
+    def const(self, t: gs.Tensor | None, depth: int = 0) -> np.ndarray | None:
+        """Value of ``t`` if it is a constant or computed from constants only; None otherwise."""
+        if t is None or not t.name and not isinstance(t, gs.Constant):
+            return None
+        key = id(t)
+        if key in self._const_cache:
+            return self._const_cache[key]
+        value = self._const_uncached(t, depth)
+        self._const_cache[key] = value
+        return value
+
+    def _const_uncached(self, t: gs.Tensor, depth: int) -> np.ndarray | None:
+        if isinstance(t, gs.Constant):
+            lazy = t._values
+            if isinstance(lazy, gs.importers.onnx_importer.LazyValues):
+                return numpy_helper.to_array(lazy.tensor)  # bf16 comes back as ml_dtypes.bfloat16
+            return np.asarray(t.values)
+        if len(t.inputs) != 1 or depth > _MAX_EVAL_DEPTH:
+            return None
+        node = t.inputs[0]
+        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC:
+            return None
+        if node.op == "Constant":
+            return self._constant_attr(node)
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return None
+        inputs = []
+        for i in node.inputs:
+            if not i.name and not isinstance(i, gs.Constant):
+                inputs.append(None)
+                continue
+            v = self.const(i, depth + 1)
+            if v is None:
+                return None
+            inputs.append(v)
+        try:
+            results = _evaluate(node, inputs, self.opset)
+        except Exception as exc:  # the reference evaluator lacks an op, or the node is malformed
+            log.debug("cannot evaluate %s: %s", _node_label(node), exc)
+            return None
+        idx = next(i for i, o in enumerate(node.outputs) if o is t)
+        return results[idx]
+
+    @staticmethod
+    def _constant_attr(node: gs.Node) -> np.ndarray | None:
+        a = node.attrs
+        if "value" in a:
+            v = a["value"]
+            if isinstance(v, gs.Constant):
+                lazy = v._values
+                if isinstance(lazy, gs.importers.onnx_importer.LazyValues):
+                    return numpy_helper.to_array(lazy.tensor)
+                return np.asarray(v.values)
+            return None
+        if "value_float" in a:
+            return np.array(a["value_float"], np.float32)
+        if "value_floats" in a:
+            return np.array(a["value_floats"], np.float32)
+        if "value_int" in a:
+            return np.array(a["value_int"], np.int64)
+        if "value_ints" in a:
+            return np.array(a["value_ints"], np.int64)
+        return None
+
+    def rank(self, t: gs.Tensor) -> int | None:
+        if t.shape is not None:
+            return len(t.shape)
+        if self._ranks is None:
+            self._ranks = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+                g = inferred.graph
+                for vi in list(g.value_info) + list(g.input) + list(g.output):
+                    tt = vi.type.tensor_type
+                    if tt.HasField("shape"):
+                        self._ranks[vi.name] = len(tt.shape.dim)
+            except Exception as exc:
+                log.debug("shape inference failed: %s", exc)
+        return self._ranks.get(t.name)
+
+    def set_input(self, node: gs.Node, idx: int, values: np.ndarray, base: str) -> None:
+        """Give ``node`` input ``idx`` the constant ``values``: rewrite the existing constant in place when only
+        this node uses it; otherwise add a private copy, so other users keep the original."""
+        old = node.inputs[idx] if idx < len(node.inputs) else None
+        if isinstance(old, gs.Constant) and old.name and self.uses(old) == 1:
+            old.values = values
+            self._const_cache[id(old)] = values
+            return
+        name = self.unique(f"{old.name if old is not None and old.name else base}_bnfold")
+        c = gs.Constant(name, values)
+        if old is None:
+            while len(node.inputs) < idx:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(c)
+        else:
+            node.inputs[idx] = c
+
+    def remove_node(self, graph: gs.Graph, node: gs.Node) -> None:
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.remove(node)
+
+    def insert_after(self, graph: gs.Graph, anchor: gs.Node, node: gs.Node) -> None:
+        graph.nodes.insert(graph.nodes.index(anchor) + 1, node)
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> None:
+        for graph in self.graphs:
+            gname = "" if graph is self.root else graph.name
+            for node in list(graph.nodes):
+                if node not in graph.nodes:
+                    continue  # removed by an earlier fold
+                if node.op == "BatchNormalization" and (node.domain or "") in ("", "ai.onnx"):
+                    self.entries.append(self.fold_bn(graph, node, gname))
+                elif node.op in AFFINE_OPS and self.options.affine_chains and (node.domain or "") in ("", "ai.onnx"):
+                    entry = self.fold_affine(graph, node, gname)
+                    if entry is not None:
+                        self.entries.append(entry)
+        for fn in self.model.functions:
+            for n in fn.node:
+                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx"):
+                    self.entries.append(FoldEntry(
+                        bn=f"{fn.name}/{n.name or n.output[0]}", status="skipped", reason="inside_function",
+                        message=f"inside model-local function '{fn.name}', which bnfold does not rewrite",
+                        graph=fn.name))
+
+    # ---------------------------------------------------------------- BatchNormalization
+    def fold_bn(self, graph: gs.Graph, bn: gs.Node, gname: str) -> FoldEntry:
+        label = _node_label(bn)
+
+        def skip(code, message):
+            return FoldEntry(bn=label, status="skipped", reason=code, message=message, graph=gname)
+
+        a = bn.attrs
+        if int(a.get("training_mode", 0)) == 1:
+            return skip("training_mode", "training_mode=1: it normalises with batch statistics; "
+                        "re-export the model in eval mode")
+        if self.opset < 7 and int(a.get("is_test", 0)) == 0:
+            return skip("training_mode", "is_test=0 (opset < 7): the node is declared in training mode")
+        if any(o.name for o in bn.outputs[1:]):
+            return skip("extra_outputs", "it outputs running/saved statistics: "
+                        "only an inference-mode BatchNormalization with one output can be folded")
+        if int(a.get("spatial", 1)) == 0:
+            return skip("spatial_disabled", "spatial=0: statistics are per channel and position, "
+                        "not a per-channel affine map")
+        if len(bn.inputs) < 5:
+            return skip("non_constant_parameters", "malformed node: fewer than 5 inputs")
+        x, y = bn.inputs[0], bn.outputs[0]
+        params = [self.const(t) for t in bn.inputs[1:5]]
+        if any(p is None for p in params):
+            which = [n for n, p in zip(("scale", "B", "mean", "var"), params) if p is None]
+            return skip("non_constant_parameters", f"{', '.join(which)} depend on graph inputs")
+        if not all(_is_float(p.dtype) for p in params):
+            return skip("unsupported_dtype", "parameters are not floating point")
+        gamma, beta, mean, var = params
+        affine = formula.bn_affine(gamma, beta, mean, var, float(a.get("epsilon", 1e-5)), name=label)
+
+        tried: list[_Skip] = []
+        for direction, rule in (("backward", self._bn_backward), ("forward", self._bn_forward)):
+            if direction == "forward" and not self.options.forward:
+                continue
+            try:
+                into = rule(graph, bn, x, y, affine)
+            except _Skip as s:
+                tried.append(s)
+                continue
+            return FoldEntry(bn=label, status="folded", into=into, direction=direction,
+                             message=f"folded {direction} into {into}", graph=gname)
+        if self.options.lower_standalone:
+            try:
+                into = self._lower(graph, bn, x, y, affine, params[0].dtype)
+                return FoldEntry(bn=label, status="folded", into=into, direction="lowered",
+                                 message=f"no foldable neighbour; lowered to {into}", graph=gname)
+            except _Skip as s:
+                tried.append(s)
+        informative = [s for s in tried if s.applicable]
+        if informative:
+            return skip(informative[0].code, informative[0].message)
+        prod = x.inputs[0].op if x.inputs else "a graph input"
+        cons = ", ".join(sorted({n.op for n in y.outputs})) or "a graph output"
+        return skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
+
+    def _bn_backward(self, graph, bn, x, y, affine) -> str:
+        if not x.inputs:
+            raise _Skip("no_foldable_neighbour", "input is a graph input", applicable=False)
+        producer = x.inputs[0]
+        if producer not in graph.nodes or not self._is_producer(producer):
+            raise _Skip("no_foldable_neighbour", f"producer {producer.op} cannot absorb it", applicable=False)
+        if self.uses(x) != 1:
+            raise _Skip("producer_output_shared",
+                        f"the output of {_node_label(producer)} is also used elsewhere (or is a graph output); "
+                        "folding would change what the other users see")
+        rank = self.rank(x) if producer.op in ("MatMul", "Add") else None
+        into = self._fold_into_producer(graph, producer, affine, channel_axis=1, rank=rank)
+        producer.outputs[producer.outputs.index(x)] = y  # the producer now writes the BN output directly
+        self.remove_node(graph, bn)
+        return into
+
+    def _bn_forward(self, graph, bn, x, y, affine) -> str:
+        consumers = list(y.outputs)
+        foldable = [c for c in consumers if c.op in CONSUMERS and (c.domain or "") in ("", "ai.onnx")]
+        if not foldable:
+            raise _Skip("no_foldable_neighbour", "no consumer can absorb it", applicable=False)
+        if len(consumers) != 1 or id(y) in self.all_outputs or consumers[0] not in graph.nodes:
+            raise _Skip("consumer_output_shared",
+                        "its output has several consumers or is a graph output, so it cannot fold forward")
+        q = consumers[0]
+        if not q.inputs or q.inputs[0] is not y or any(t is y for t in q.inputs[1:]):
+            raise _Skip("channel_axis_mismatch", f"it feeds the weight/bias of {q.op}, not its data input")
+        into = self._fold_into_consumer(graph, q, affine, rank=self.rank(x) if q.op == "MatMul" else None)
+        q.inputs[0] = x
+        self.remove_node(graph, bn)
+        return into
+
+    def _lower(self, graph, bn, x, y, affine, dtype) -> str:
+        rank = self.rank(x)
+        if rank is None:
+            rank = self.rank(y)
+        if rank is None or rank < 2:
+            raise _Skip("unknown_rank", "input rank unknown: cannot shape the Mul/Add constants")
+        dt = x.dtype if x.dtype is not None and _is_float(x.dtype) else dtype
+        shape = (affine.channels,) + (1,) * (rank - 2)
+        try:
+            s = formula.cast_checked(affine.scale.reshape(shape), dt, what=f"{_node_label(bn)} scale")
+            t = formula.cast_checked(affine.shift.reshape(shape), dt, what=f"{_node_label(bn)} shift")
+        except formula.CastOverflow as exc:
+            raise _Skip("cast_overflow", str(exc)) from None
+        base = bn.name or y.name
+        mid = gs.Variable(self.unique(f"{base}_scaled"), dtype=y.dtype, shape=y.shape)
+        mul = gs.Node("Mul", self.unique(f"{base}_mul"), inputs=[x, gs.Constant(self.unique(f"{base}_scale"), s)],
+                      outputs=[mid])
+        add = gs.Node("Add", self.unique(f"{base}_add"), inputs=[mid, gs.Constant(self.unique(f"{base}_shift"), t)],
+                      outputs=[y])
+        idx = graph.nodes.index(bn)
+        bn.outputs.clear()
+        bn.inputs.clear()
+        graph.nodes[idx:idx + 1] = [mul, add]
+        return f"{mul.name}+{add.name}"
+
+    # ---------------------------------------------------------------- per-channel affine ops
+    def fold_affine(self, graph: gs.Graph, node: gs.Node, gname: str) -> FoldEntry | None:
+        if len(node.inputs) != 2 or len(node.outputs) != 1:
+            return None
+        values = [self.const(t) for t in node.inputs]
+        if (values[0] is None) == (values[1] is None):
+            return None  # both constant, or neither: not a per-channel affine op on a tensor
+        xi = 0 if values[0] is None else 1
+        x, c = node.inputs[xi], values[1 - xi]
+        if not x.inputs or self.uses(x) != 1 or not _is_float(c.dtype):
+            return None
+        producer = x.inputs[0]
+        if producer not in graph.nodes or not self._is_producer(producer):
+            return None
+        rank, axis = self._producer_axis(producer, x)
+        if rank is None or c.ndim > rank:
+            return None
+        shape = (1,) * (rank - c.ndim) + tuple(c.shape)
+        if any(d != 1 for i, d in enumerate(shape) if i != axis):
+            return None
+        n = shape[axis]
+        vec = np.asarray(c, np.float64).reshape(-1) if n > 1 else np.full((1,), float(np.asarray(c, np.float64).reshape(-1)[0]))
+        op = node.op
+        if op == "Mul":
+            aff = formula.Affine(vec, np.zeros_like(vec))
+        elif op == "Add":
+            aff = formula.Affine(np.ones_like(vec), vec)
+        elif op == "Sub":
+            aff = formula.Affine(np.ones_like(vec), -vec) if xi == 0 else formula.Affine(-np.ones_like(vec), vec)
+        else:  # Div
+            if xi != 0 or np.any(vec == 0):
+                return None
+            aff = formula.Affine(1.0 / vec, np.zeros_like(vec))
+        if producer.op == "MatMul" and np.any(aff.shift != 0):
+            return None  # that Add is the MatMul's bias: nothing to fold
+        y = node.outputs[0]
+        label = _node_label(node)
+        try:
+            into = self._fold_into_producer(graph, producer, aff, channel_axis=axis, rank=rank)
+        except _Skip as s:
+            return FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname)
+        producer.outputs[producer.outputs.index(x)] = y
+        self.remove_node(graph, node)
+        return FoldEntry(bn=label, status="folded", into=into, direction="backward",
+                         message=f"per-channel {op} by a constant folded into {into}", op=op, graph=gname)
+
+    def _producer_axis(self, producer: gs.Node, out: gs.Tensor) -> tuple[int | None, int | None]:
+        """(rank, channel axis) of a producer's output."""
+        if producer.op in ("Conv", "ConvTranspose"):
+            w = self.const(producer.inputs[1]) if len(producer.inputs) > 1 else None
+            if w is None:
+                r = self.rank(out)
+                return r, 1
+            return w.ndim, 1
+        if producer.op == "Gemm":
+            return 2, 1
+        r = self.rank(out)
+        return r, (r - 1 if r is not None else None)
+
+    # ---------------------------------------------------------------- producers
+    def _is_producer(self, node: gs.Node) -> bool:
+        if (node.domain or "") not in ("", "ai.onnx"):
+            return False
+        if node.op in PRODUCERS:
+            return True
+        return self._matmul_add(node) is not None
+
+    def _matmul_add(self, node: gs.Node):
+        """For ``Add(MatMul(x, W), bias)`` return (matmul, bias input index); else None."""
+        if node.op != "Add" or len(node.inputs) != 2:
+            return None
+        for i in (0, 1):
+            t = node.inputs[i]
+            if t.inputs and t.inputs[0].op == "MatMul" and self.uses(t) == 1 and self.const(node.inputs[1 - i]) is not None:
+                return t.inputs[0], 1 - i
+        return None
+
+    def _weight(self, node: gs.Node, idx: int, what: str) -> np.ndarray:
+        w = self.const(node.inputs[idx]) if idx < len(node.inputs) else None
+        if w is None:
+            raise _Skip("producer_weight_not_constant", f"the {what} of {_node_label(node)} depends on graph inputs")
+        if not _is_float(w.dtype):
+            raise _Skip("unsupported_dtype", f"the {what} of {_node_label(node)} is {w.dtype}, not floating point")
+        return w
+
+    def _optional(self, node: gs.Node, idx: int, what: str) -> np.ndarray | None:
+        if idx >= len(node.inputs) or (not node.inputs[idx].name and not isinstance(node.inputs[idx], gs.Constant)):
+            return None
+        return self._weight(node, idx, what)
+
+    @staticmethod
+    def _channels(affine: formula.Affine, n: int, where: str) -> formula.Affine:
+        if affine.channels == n:
+            return affine
+        if affine.channels == 1:
+            return formula.Affine(np.repeat(affine.scale, n), np.repeat(affine.shift, n))
+        raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {where} has {n}")
+
+    @staticmethod
+    def _cast(pairs, label):
+        try:
+            return [formula.cast_checked(v, dt, what=f"{label} {what}") for v, dt, what in pairs]
+        except formula.CastOverflow as exc:
+            raise _Skip("cast_overflow", str(exc)) from None
+
+    def _fold_into_producer(self, graph, p: gs.Node, affine, *, channel_axis: int, rank: int | None) -> str:
+        label = _node_label(p)
+        op = p.op
+        if op in ("Conv", "ConvTranspose"):
+            w = self._weight(p, 1, "weight")
+            b = self._optional(p, 2, "bias")
+            if channel_axis != 1:
+                raise _Skip("channel_axis_mismatch", f"channel axis {channel_axis} is not the {op} channel axis")
+            groups = int(p.attrs.get("group", 1))
+            if op == "Conv":
+                affine = self._channels(affine, w.shape[0], label)
+                w_new, b_new = formula.fold_backward(w, b, affine, layout="out_in")
+            else:
+                affine = self._channels(affine, w.shape[1] * groups, label)
+                w_new, b_new = formula.fold_backward(w, b, affine, layout="in_out", groups=groups)
+            w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], label)
+            self.set_input(p, 1, w_new, f"{label}_W")
+            self.set_input(p, 2, b_new, f"{label}_B")
+            return label
+        if op == "Gemm":
+            if channel_axis != 1:
+                raise _Skip("channel_axis_mismatch", "Gemm output channel axis is 1")
+            w = self._weight(p, 1, "weight (B)")
+            if w.ndim != 2:
+                raise _Skip("channel_axis_mismatch", "Gemm weight is not 2-D")
+            c = self._optional(p, 2, "bias (C)")
+            trans_b = int(p.attrs.get("transB", 0))
+            beta = float(p.attrs.get("beta", 1.0))
+            n = w.shape[0] if trans_b else w.shape[1]
+            affine = self._channels(affine, n, label)
+            bias = None if c is None else beta * np.asarray(c, np.float64)
+            w_new, c_new = formula.fold_backward(w, bias, affine, layout="out_in" if trans_b else "in_out")
+            w_new, c_new = self._cast([(w_new, w.dtype, "weight"), (c_new, w.dtype, "bias")], label)
+            self.set_input(p, 1, w_new, f"{label}_B")
+            self.set_input(p, 2, c_new, f"{label}_C")
+            p.attrs["beta"] = 1.0
+            return label
+        mm_add = self._matmul_add(p) if op == "Add" else None
+        mm = p if op == "MatMul" else (mm_add[0] if mm_add else None)
+        if mm is None:
+            raise _Skip("no_foldable_neighbour", f"{op} cannot absorb it", applicable=False)
+        mlabel = _node_label(mm)
+        if mm.inputs[0] is not None and self.const(mm.inputs[0]) is not None and self.const(mm.inputs[1]) is None:
+            raise _Skip("channel_axis_mismatch", f"{mlabel} multiplies a constant by a tensor: the channel axis "
+                        "is not its weight's feature axis")
+        w = self._weight(mm, 1, "weight")
+        if w.ndim != 2:
+            raise _Skip("channel_axis_mismatch", f"{mlabel} weight is {w.ndim}-D; only a 2-D weight has one feature axis")
+        if rank is None:
+            raise _Skip("unknown_rank", f"the rank of {mlabel}'s output is unknown; the channel axis cannot be checked")
+        if channel_axis != rank - 1:
+            raise _Skip("channel_axis_mismatch",
+                        f"the channel axis ({channel_axis}) is not {mlabel}'s feature axis ({rank - 1}) "
+                        f"of its {rank}-D output")
+        affine = self._channels(affine, w.shape[1], mlabel)
+        if mm_add is not None:
+            bias = self.const(p.inputs[mm_add[1]])
+            w_new, b_new = formula.fold_backward(w, bias, affine, layout="in_out")
+            w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], mlabel)
+            self.set_input(mm, 1, w_new, f"{mlabel}_W")
+            self.set_input(p, mm_add[1], b_new, f"{mlabel}_bias")
+            return f"{mlabel}+{_node_label(p)}"
+        w_new, b_new = formula.fold_backward(w, None, affine, layout="in_out")
+        w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], mlabel)
+        self.set_input(mm, 1, w_new, f"{mlabel}_W")
+        if not np.any(b_new):
+            return mlabel
+        # MatMul has no bias input: add one after it. The new Add takes over the MatMul's output tensor.
+        out = mm.outputs[0]
+        base = mm.name or out.name
+        mid = gs.Variable(self.unique(f"{base}_nobias"), dtype=out.dtype, shape=out.shape)
+        add = gs.Node("Add", self.unique(f"{base}_bias_add"),
+                      inputs=[mid, gs.Constant(self.unique(f"{base}_bias"), b_new)], outputs=[])
+        mm.outputs[0] = mid
+        add.outputs.append(out)
+        self.insert_after(graph, mm, add)
+        return f"{mlabel}+{add.name}"
+
+    # ---------------------------------------------------------------- consumers
+    def _fold_into_consumer(self, graph, q: gs.Node, affine, *, rank: int | None) -> str:
+        label = _node_label(q)
+        if q.op == "Conv":
+            w = self._weight(q, 1, "weight")
+            b = self._optional(q, 2, "bias")
+            groups = int(q.attrs.get("group", 1))
+            kernel = w.shape[2:]
+            dil = q.attrs.get("dilations", [1] * len(kernel))
+            pads = list(q.attrs.get("pads", [0] * 2 * len(kernel)))
+            auto_pad = q.attrs.get("auto_pad", "NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            strides = q.attrs.get("strides", [1] * len(kernel))
+            extent_one = all((k - 1) * d == 0 for k, d in zip(kernel, dil)) and all(s == 1 for s in strides)
+            padded = any(pads) if auto_pad in ("NOTSET", "VALID") else (auto_pad != "VALID" and not extent_one)
+            if auto_pad == "VALID":
+                padded = False
+            if padded:
+                raise _Skip("consumer_padded", f"{label} zero-pads its input: the padded zeros would not see the "
+                            "BatchNorm shift, so a forward fold would not be exact")
+            affine = self._channels(affine, w.shape[1] * groups, label)
+            w_new, b_new = formula.fold_forward(w, b, affine, layout="out_in", groups=groups)
+            w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], label)
+            self.set_input(q, 1, w_new, f"{label}_W")
+            self.set_input(q, 2, b_new, f"{label}_B")
+            return label
+        if q.op == "Gemm":
+            if int(q.attrs.get("transA", 0)):
+                raise _Skip("channel_axis_mismatch", f"{label} has transA=1: the BatchNorm channels are its rows")
+            w = self._weight(q, 1, "weight (B)")
+            c = self._optional(q, 2, "bias (C)")
+            trans_b = int(q.attrs.get("transB", 0))
+            alpha = float(q.attrs.get("alpha", 1.0))
+            beta = float(q.attrs.get("beta", 1.0))
+            affine = self._channels(affine, w.shape[1] if trans_b else w.shape[0], label)
+            w_new, delta = formula.fold_forward(w, None, affine, layout="out_in" if trans_b else "in_out")
+            c_new = alpha * delta + (0.0 if c is None else beta * np.asarray(c, np.float64))
+            w_new, c_new = self._cast([(w_new, w.dtype, "weight"), (c_new, w.dtype, "bias")], label)
+            self.set_input(q, 1, w_new, f"{label}_B")
+            self.set_input(q, 2, c_new, f"{label}_C")
+            q.attrs["beta"] = 1.0
+            return label
+        # MatMul
+        w = self._weight(q, 1, "weight")
+        if w.ndim != 2:
+            raise _Skip("channel_axis_mismatch", f"{label} weight is {w.ndim}-D")
+        if rank is None:
+            raise _Skip("unknown_rank", f"the rank of {label}'s input is unknown; the channel axis cannot be checked")
+        if rank != 2:
+            raise _Skip("channel_axis_mismatch", f"the BatchNorm channel axis (1) is not {label}'s contraction "
+                        f"axis ({rank - 1}) of its {rank}-D input")
+        affine = self._channels(affine, w.shape[0], label)
+        w_new, delta = formula.fold_forward(w, None, affine, layout="in_out")
+        out = q.outputs[0]
+        nxt = out.outputs[0] if len(out.outputs) == 1 and id(out) not in self.all_outputs else None
+        if nxt is not None and nxt in graph.nodes and self._matmul_add(nxt) is not None and self._matmul_add(nxt)[0] is q:
+            bidx = self._matmul_add(nxt)[1]
+            bias = np.asarray(self.const(nxt.inputs[bidx]), np.float64)
+            b_new = bias + delta
+            w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], label)
+            self.set_input(q, 1, w_new, f"{label}_W")
+            self.set_input(nxt, bidx, b_new, f"{label}_bias")
+            return f"{label}+{_node_label(nxt)}"
+        w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (delta, w.dtype, "bias")], label)
+        self.set_input(q, 1, w_new, f"{label}_W")
+        if not np.any(b_new):
+            return label
+        base = q.name or out.name
+        mid = gs.Variable(self.unique(f"{base}_nobias"), dtype=out.dtype, shape=out.shape)
+        add = gs.Node("Add", self.unique(f"{base}_bias_add"),
+                      inputs=[mid, gs.Constant(self.unique(f"{base}_bias"), b_new)], outputs=[])
+        q.outputs[0] = mid
+        add.outputs.append(out)
+        self.insert_after(graph, q, add)
+        return f"{label}+{add.name}"
+
+    # ---------------------------------------------------------------- export
+    def export(self) -> onnx.ModelProto:
+        for graph in self.graphs:
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        out = gs.export_onnx(self.root, do_type_check=False)
+        src = self.model
+        out.ir_version = src.ir_version
+        del out.opset_import[:]
+        out.opset_import.extend(src.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(out, field, getattr(src, field))
+        del out.functions[:]
+        out.functions.extend(src.functions)
+        del out.metadata_props[:]
+        out.metadata_props.extend(p for p in src.metadata_props if p.key != METADATA_KEY)
+        # Old IR (< 4) lists initializers among the graph inputs: keep those that still exist, in order.
+        inits = {t.name for t in out.graph.initializer}
+        present = {i.name for i in out.graph.input}
+        missing = [vi for vi in src.graph.input if vi.name in inits and vi.name not in present]
+        if missing:
+            order = {vi.name: k for k, vi in enumerate(src.graph.input)}
+            new_inputs = list(out.graph.input) + missing
+            new_inputs.sort(key=lambda vi: order.get(vi.name, len(order)))
+            del out.graph.input[:]
+            out.graph.input.extend(new_inputs)
+        return out
+
+
+def _evaluate(node: gs.Node, inputs: list, opset: int) -> list:
+    """Evaluate one node on constant inputs with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+    attrs = {}
+    for k, v in node.attrs.items():
+        if isinstance(v, gs.Constant):
+            v = numpy_helper.from_array(np.asarray(v.values), k)
+        attrs[k] = v
+    outs = [f"o{k}" for k in range(len(node.outputs))]
+    proto = onnx.helper.make_node(node.op, names, outs, **attrs)
+    feeds = {n: v for n, v in zip(names, inputs) if n}
+    ev = ReferenceEvaluator(onnx.helper.make_model(
+        onnx.helper.make_graph([proto], "eval", [], [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in outs]),
+        opset_imports=[onnx.helper.make_opsetid("", opset)]))
+    return [np.asarray(r) for r in ev.run(None, feeds)]
+
+
+def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *,
+               dry_run: bool = False, name: str = "") -> tuple[onnx.ModelProto | None, FoldReport]:
+    """Fold the BatchNorms of ``model``. Returns ``(folded_model, report)``; the folded model is None for a
+    dry run. ``model`` itself is never modified. Raises :class:`BnfoldError` on invalid statistics."""
+    options = options or FoldOptions()
+    try:
+        folder = _Folder(model, options)
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        raise BnfoldError(f"{name or 'model'}: cannot read the graph ({type(exc).__name__}: {exc})") from None
+    folder.run()
+    report = FoldReport(entries=folder.entries, model=name, dry_run=dry_run)
+    if dry_run:
+        return None, report
+    out = folder.export()
+    meta = {"version": __version__, "bn_total": report.bn_total, "folded": report.folded,
+            "skipped": report.skipped, "affine_folded": report.affine_folded,
+            "entries": [{"bn": e.bn, "status": e.status, "into": e.into, "direction": e.direction,
+                         "reason": e.reason} for e in report.entries]}
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, separators=(",", ":")))
+    return out, report
+
+
+def inspect_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, name: str = "") -> FoldReport:
+    """What :func:`fold_model` would do to each BatchNorm, without changing anything."""
+    return fold_model(model, options, dry_run=True, name=name)[1]
+
+
+def count_bn(model: onnx.ModelProto) -> int:
+    """Number of BatchNormalization nodes, subgraphs included."""
+    def walk(g):
+        n = 0
+        for node in g.node:
+            n += node.op_type == "BatchNormalization"
+            for a in node.attribute:
+                if a.HasField("g"):
+                    n += walk(a.g)
+                for sg in a.graphs:
+                    n += walk(sg)
+        return n
+    return walk(model.graph) + sum(n.op_type == "BatchNormalization" for f in model.functions for n in f.node)

@@ -1,0 +1,171 @@
+"""Loading and saving ONNX models safely.
+
+* Loading checks that the file exists, parses as an ONNX model with a non-empty graph and a supported opset,
+  and that every external-data location stays inside the model's folder (no absolute paths, no ``..``, no
+  symlink out) before any external data is read.
+* Saving is atomic: everything is written into a temporary folder beside the output and renamed into place,
+  so a failure leaves no partial file. Models that used external data, or that exceed protobuf's 2 GB limit,
+  are saved with their tensors in ``<output>.data`` next to the output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from bnfold.errors import BnfoldError
+
+MIN_OPSET = 6
+_2GB = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_graph_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _iter_graph_tensors(g)
+
+
+def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model: initializers and tensor attributes, in subgraphs and functions too."""
+    yield from _iter_graph_tensors(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    base_real = base.resolve()
+    for t in iter_model_tensors(model):
+        if not uses_external_data(t):
+            continue
+        loc = ExternalDataInfo(t).location
+        p = Path(loc)
+        if not loc or p.is_absolute() or ".." in p.parts or loc.startswith(("/", "\\")):
+            raise BnfoldError(
+                f"tensor '{t.name}' points at external data '{loc}' outside the model's folder; "
+                "refusing to read it: move the data file next to the model and fix its location"
+            )
+        target = (base / p).resolve()
+        if base_real != target and base_real not in target.parents:
+            raise BnfoldError(
+                f"tensor '{t.name}' external data '{loc}' resolves outside the model's folder (symlink?); "
+                "refusing to read it"
+            )
+        if not target.is_file():
+            raise BnfoldError(
+                f"tensor '{t.name}' needs external data file '{loc}', which is missing next to the model"
+            )
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load and validate an ONNX model file; raise :class:`BnfoldError` with a one-line reason otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise BnfoldError(f"{p}: no such file")
+    if not p.is_file():
+        raise BnfoldError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise BnfoldError(f"{p}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, RuntimeWarning-turned-errors, ...
+        raise BnfoldError(
+            f"{p}: not an ONNX model (protobuf parse failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "is the file truncated or corrupted?"
+        ) from None
+    validate_model(model, str(p))
+    external = any(uses_external_data(t) for t in iter_model_tensors(model))
+    if external:
+        _check_external_locations(model, p.parent)
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise BnfoldError(f"{p}: cannot read external data ({exc})") from None
+    return LoadedModel(model, p, external)
+
+
+def validate_model(model: onnx.ModelProto, label: str = "model") -> None:
+    """Cheap structural checks that catch files which parse but are not usable ONNX models."""
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise BnfoldError(f"{label}: not an ONNX model (no IR version or no graph); is the file corrupted?")
+    if len(model.graph.node) == 0:
+        raise BnfoldError(f"{label}: the graph is empty (no nodes); nothing to fold")
+    opset = default_opset(model)
+    if opset is None:
+        raise BnfoldError(f"{label}: the model imports no default-domain opset; re-export it with an opset >= {MIN_OPSET}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > newest:
+        raise BnfoldError(
+            f"{label}: opset {opset} is not supported (supported: {MIN_OPSET}..{newest}); "
+            f"convert it with onnx.version_converter or re-export with a supported opset"
+        )
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
+               copy: bool = True) -> Path:
+    """Atomically write ``model`` to ``path``. Tensors go to ``<name>.data`` beside it when ``external_data``
+    is set or the model would not fit in one protobuf (2 GB). With ``copy=False`` the tensors of ``model`` may
+    be moved to external storage in place (saves memory when the caller discards the model)."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BnfoldError(f"{out}: output folder {parent} does not exist")
+    if not external_data and model.ByteSize() > _2GB:
+        external_data = True
+    data_name = out.name + ".data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            # onnx.save_model converts tensors in place: work on a copy so the caller's model is unchanged.
+            if copy:
+                m = onnx.ModelProto()
+                m.CopyFrom(model)
+            else:
+                m = model
+            for t in iter_model_tensors(m):  # drop stale external references from the source file
+                if uses_external_data(t):
+                    raise AssertionError("model tensors must be loaded before saving")
+            onnx.save_model(m, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out

@@ -1,0 +1,108 @@
+"""The plan/report data model: one entry per BatchNorm (and per folded affine op), saying what happened to it.
+
+A *plan* is a report produced without writing anything (``dry_run``); a report is the plan as applied.
+Skip reasons are stable snake_case codes (:data:`REASONS`); scripts may rely on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Status = Literal["folded", "skipped"]
+Direction = Literal["backward", "forward", "lowered"]
+
+#: Every skip reason code, with what it means. Codes are stable across releases.
+REASONS: dict[str, str] = {
+    "training_mode": "the BatchNormalization runs in training mode (training_mode=1 or is_test=0)",
+    "extra_outputs": "the BatchNormalization produces running/saved statistics outputs that something uses",
+    "spatial_disabled": "spatial=0: statistics per channel and position, not a per-channel affine map",
+    "non_constant_parameters": "scale, bias, mean or variance depend on graph inputs",
+    "no_foldable_neighbour": "neither the producer nor the consumer of the BatchNormalization can absorb it",
+    "producer_output_shared": "the producer's output is also used by another node or is a graph output",
+    "producer_weight_not_constant": "the producer's weight or bias depends on graph inputs",
+    "channel_axis_mismatch": "the BatchNorm channel axis is not the layer's feature axis",
+    "channel_count_mismatch": "the BatchNorm has a different channel count than the layer",
+    "consumer_padded": "the consumer convolution pads its input, so a forward fold would not be exact",
+    "consumer_output_shared": "the BatchNorm output has several consumers or is a graph output",
+    "unknown_rank": "the rank of the tensor is unknown, so the channel axis cannot be checked",
+    "cast_overflow": "a folded value overflows the model's dtype",
+    "unsupported_dtype": "the tensors have a dtype that cannot be folded (not floating point)",
+    "inside_function": "the BatchNormalization lives in a model-local function, which bnfold does not rewrite",
+    # PyTorch front end
+    "module_reused": "the conv/linear module is called more than once",
+    "parameters_tied": "the conv/linear parameters are shared with another module",
+    "not_plain_batchnorm": "a BatchNorm subclass that does more than normalise",
+}
+
+
+@dataclass
+class FoldEntry:
+    """What happened to one BatchNorm (or one folded per-channel affine op)."""
+
+    bn: str
+    status: Status
+    into: str | None = None
+    direction: Direction | None = None
+    reason: str | None = None
+    message: str = ""
+    op: str = "BatchNormalization"
+    graph: str = ""
+
+    def __post_init__(self):
+        assert self.status in ("folded", "skipped"), self.status
+        assert self.status == "folded" or self.reason in REASONS, self.reason
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldReport:
+    """Entries for every BatchNorm in a model, plus counts; ``to_dict`` gives the JSON report."""
+
+    entries: list[FoldEntry] = field(default_factory=list)
+    model: str = ""
+    dry_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def _bn(self):
+        return [e for e in self.entries if e.op == "BatchNormalization"]
+
+    @property
+    def bn_total(self) -> int:
+        return len(self._bn())
+
+    @property
+    def folded(self) -> int:
+        return sum(e.status == "folded" for e in self._bn())
+
+    @property
+    def skipped(self) -> int:
+        return sum(e.status == "skipped" for e in self._bn())
+
+    @property
+    def affine_folded(self) -> int:
+        return sum(e.status == "folded" for e in self.entries if e.op != "BatchNormalization")
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "dry_run": self.dry_run,
+            "bn_total": self.bn_total,
+            "folded": self.folded,
+            "skipped": self.skipped,
+            "affine_folded": self.affine_folded,
+            "entries": [e.to_dict() for e in self.entries],
+            **self.extra,
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), indent=2, **kw)
+
+    def summary(self) -> str:
+        s = f"{self.folded}/{self.bn_total} BatchNorm folded, {self.skipped} skipped"
+        if self.affine_folded:
+            s += f", {self.affine_folded} per-channel affine op(s) folded"
+        return s
