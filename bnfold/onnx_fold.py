@@ -310,7 +310,8 @@ class _Folder:
                         "folding would change what the other users see")
         rank = self.rank(x) if producer.op in ("MatMul", "Add") else None
         into = self._fold_into_producer(graph, producer, affine, channel_axis=1, rank=rank)
-        producer.outputs[producer.outputs.index(x)] = y  # the producer now writes the BN output directly
+        writer = x.inputs[0]  # the producer, or the bias Add the fold put after it
+        writer.outputs[writer.outputs.index(x)] = y  # it now writes the BN output directly
         self.remove_node(graph, bn)
         return into
 
@@ -396,7 +397,8 @@ class _Folder:
             into = self._fold_into_producer(graph, producer, aff, channel_axis=axis, rank=rank)
         except _Skip as s:
             return FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname)
-        producer.outputs[producer.outputs.index(x)] = y
+        writer = x.inputs[0]
+        writer.outputs[writer.outputs.index(x)] = y
         self.remove_node(graph, node)
         return FoldEntry(bn=label, status="folded", into=into, direction="backward",
                          message=f"per-channel {op} by a constant folded into {into}", op=op, graph=gname)

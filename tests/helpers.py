@@ -23,7 +23,9 @@ NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Tensor
 class G:
     """Minimal ONNX graph builder for tests."""
 
-    def __init__(self, opset: int = 17, dtype=np.float32, seed: int = 0, ir_version: int | None = None):
+    def __init__(self, opset: int = 17, dtype=np.float32, seed: int = 0, ir_version: int | None = None,
+                 prefix: str = ""):
+        self.prefix = prefix
         self.opset, self.dtype = opset, np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.nodes, self.inits, self.inputs, self.vinfo = [], [], [], []
@@ -32,7 +34,7 @@ class G:
 
     def _name(self, p):
         self._n += 1
-        return f"{p}{self._n}"
+        return f"{self.prefix}{p}{self._n}"
 
     def input(self, name, shape, dtype=None):
         self.inputs.append(helper.make_tensor_value_info(name, NP2ONNX[np.dtype(dtype or self.dtype)], shape))
@@ -70,15 +72,18 @@ class G:
             ins.append(self.const(self.rand(cout)))
         return self.node("ConvTranspose" if transpose else "Conv", ins, name=name, group=group, **attrs)
 
-    def model(self, outputs, out_dtype=None):
-        outs = [helper.make_tensor_value_info(o, NP2ONNX[np.dtype(out_dtype or self.dtype)], None) for o in outputs]
+    def model(self, outputs, out_dtype=None, out_shapes=None):
+        shapes = out_shapes or [None] * len(outputs)
+        outs = [helper.make_tensor_value_info(o, NP2ONNX[np.dtype(out_dtype or self.dtype)], s)
+                for o, s in zip(outputs, shapes)]
         g = helper.make_graph(self.nodes, "g", self.inputs, outs, initializer=self.inits, value_info=self.vinfo)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
         m.ir_version = self.ir_version or min(m.ir_version, 8 if self.opset <= 17 else m.ir_version)
         try:  # give the outputs their inferred types, as exporters do
             inferred = onnx.shape_inference.infer_shapes(m).graph.output
             for o, i in zip(m.graph.output, inferred):
-                o.CopyFrom(i)
+                if i.type.tensor_type.HasField("shape"):
+                    o.CopyFrom(i)
         except Exception:
             pass
         return m

@@ -1,0 +1,73 @@
+"""Shared command-line plumbing: logging flags, error handling, output streams.
+
+Conventions: exit 0 ok, 1 a check failed, 2 bad input or usage. Errors are one line without a traceback
+(``--debug`` shows it). With ``--json`` the machine-readable result goes to stdout and everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from bnfold.errors import BnfoldError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def out_console(json_mode: bool) -> Console:
+    """Where human-readable output goes: stderr when stdout carries JSON."""
+    return err_console if json_mode else Console(highlight=False)
+
+
+def common_options(f):
+    """-v/-q/--debug on every command."""
+
+    @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug logs).")
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors and the final result.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+    @functools.wraps(f)
+    def wrapper(*args, verbose: int, quiet: bool, debug: bool, **kwargs):
+        level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 or debug else
+                                             logging.INFO if verbose else logging.WARNING)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                            force=True)
+        ctx = click.get_current_context()
+        ctx.meta["quiet"] = quiet
+        try:
+            return f(*args, **kwargs)
+        except BnfoldError as exc:
+            if debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: still one line unless --debug
+            if debug:
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug "
+                              "for the traceback and report it)", soft_wrap=True)
+            ctx.exit(EXIT_FAILED)
+
+    return wrapper
+
+
+def json_option(f):
+    return click.option("--json", "json_mode", is_flag=True,
+                        help="Print the result as JSON on stdout (everything else goes to stderr).")(f)
+
+
+def fold_options(f):
+    """Switches of the fold pass, shared by `inspect` and `fold`."""
+    f = click.option("--lower-standalone", is_flag=True,
+                     help="Rewrite a BatchNorm with no foldable neighbour as Mul+Add.")(f)
+    f = click.option("--no-forward", is_flag=True, help="Never fold a BatchNorm into its consumer.")(f)
+    f = click.option("--no-affine", is_flag=True,
+                     help="Leave per-channel Mul/Add/Sub/Div-by-constant ops after conv/linear layers alone.")(f)
+    return f
