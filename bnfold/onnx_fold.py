@@ -142,6 +142,16 @@ class _Folder:
             return self._constant_attr(node)
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             return None
+        if node.op == "CastLike" and len(node.inputs) == 2:
+            # Only the dtype of the second input matters (the dynamo exporter casts a constant zero bias
+            # "like" the graph input): constant whenever that dtype is known.
+            like = node.inputs[1]
+            v = self.const(node.inputs[0], depth + 1)
+            like_v = self.const(like, depth + 1)
+            dtype = like_v.dtype if like_v is not None else like.dtype
+            if v is None or dtype is None:
+                return None
+            return np.asarray(v).astype(dtype)
         inputs = []
         for i in node.inputs:
             if not i.name and not isinstance(i, gs.Constant):
@@ -448,6 +458,22 @@ class _Folder:
         return self._weight(node, idx, what)
 
     @staticmethod
+    def _vector_bias(b: np.ndarray | None, n: int, label: str) -> np.ndarray | None:
+        """A conv bias must be 1-D with one value per output channel. An all-zero bias of another shape (the
+        dynamo exporter builds one for bias-less Conv3d with optimize=False) is the same as no bias."""
+        if b is None or b.shape == (n,):
+            return b
+        if not np.any(np.asarray(b, np.float64)):
+            return None
+        raise _Skip("channel_count_mismatch", f"the bias of {label} has shape {tuple(b.shape)}, expected ({n},)")
+
+    @staticmethod
+    def _gemm_bias(c: np.ndarray | None, n: int, label: str) -> None:
+        if c is not None and (c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n))):
+            raise _Skip("channel_count_mismatch", f"the bias C of {label} has shape {tuple(c.shape)}, "
+                        f"which does not broadcast to {n} output features")
+
+    @staticmethod
     def _channels(affine: formula.Affine, n: int, where: str) -> formula.Affine:
         if affine.channels == n:
             return affine
@@ -471,6 +497,7 @@ class _Folder:
             if channel_axis != 1:
                 raise _Skip("channel_axis_mismatch", f"channel axis {channel_axis} is not the {op} channel axis")
             groups = int(p.attrs.get("group", 1))
+            b = self._vector_bias(b, w.shape[0] if op == "Conv" else w.shape[1] * groups, label)
             if op == "Conv":
                 affine = self._channels(affine, w.shape[0], label)
                 w_new, b_new = formula.fold_backward(w, b, affine, layout="out_in")
@@ -492,6 +519,7 @@ class _Folder:
             beta = float(p.attrs.get("beta", 1.0))
             n = w.shape[0] if trans_b else w.shape[1]
             affine = self._channels(affine, n, label)
+            self._gemm_bias(c, n, label)
             bias = None if c is None else beta * np.asarray(c, np.float64)
             w_new, c_new = formula.fold_backward(w, bias, affine, layout="out_in" if trans_b else "in_out")
             w_new, c_new = self._cast([(w_new, w.dtype, "weight"), (c_new, w.dtype, "bias")], label)
@@ -547,6 +575,7 @@ class _Folder:
             w = self._weight(q, 1, "weight")
             b = self._optional(q, 2, "bias")
             groups = int(q.attrs.get("group", 1))
+            b = self._vector_bias(b, w.shape[0], label)
             kernel = w.shape[2:]
             dil = q.attrs.get("dilations", [1] * len(kernel))
             pads = list(q.attrs.get("pads", [0] * 2 * len(kernel)))
@@ -572,6 +601,7 @@ class _Folder:
             w = self._weight(q, 1, "weight (B)")
             c = self._optional(q, 2, "bias (C)")
             trans_b = int(q.attrs.get("transB", 0))
+            self._gemm_bias(c, w.shape[0] if trans_b else w.shape[1], label)
             alpha = float(q.attrs.get("alpha", 1.0))
             beta = float(q.attrs.get("beta", 1.0))
             affine = self._channels(affine, w.shape[1] if trans_b else w.shape[0], label)
