@@ -581,11 +581,12 @@ class _Folder:
             pads = list(q.attrs.get("pads", [0] * 2 * len(kernel)))
             auto_pad = q.attrs.get("auto_pad", "NOTSET")
             auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-            strides = q.attrs.get("strides", [1] * len(kernel))
-            extent_one = all((k - 1) * d == 0 for k, d in zip(kernel, dil)) and all(s == 1 for s in strides)
-            padded = any(pads) if auto_pad in ("NOTSET", "VALID") else (auto_pad != "VALID" and not extent_one)
-            if auto_pad == "VALID":
-                padded = False
+            # SAME_* pads (k-1)*d+1 - stride-aligned remainder: never anything for a kernel extent of 1.
+            extent_one = all((k - 1) * d == 0 for k, d in zip(kernel, dil))
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                padded = not extent_one
+            else:
+                padded = auto_pad != "VALID" and any(pads)
             if padded:
                 raise _Skip("consumer_padded", f"{label} zero-pads its input: the padded zeros would not see the "
                             "BatchNorm shift, so a forward fold would not be exact")

@@ -8,16 +8,18 @@ from bnfold.report import FoldReport
 
 
 def report_table(report: FoldReport, title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("node")
-    table.add_column("op")
-    table.add_column("status")
-    table.add_column("into")
-    table.add_column("direction")
-    table.add_column("reason / message", overflow="fold")
+    """One row per BatchNorm (and folded affine op): what happened and, for skips, why."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("node", overflow="fold")
+    table.add_column("action", overflow="fold")
+    table.add_column("reason", no_wrap=True)
+    table.add_column("why", overflow="fold", ratio=1)
     for e in report.entries:
-        status = "[green]folded[/]" if e.status == "folded" else "[yellow]skipped[/]"
         name = f"{e.graph}/{e.bn}" if e.graph else e.bn
-        detail = e.message if e.status == "folded" else f"[bold]{e.reason}[/]: {e.message}"
-        table.add_row(name, e.op, status, e.into or "-", e.direction or "-", detail)
+        if e.op != "BatchNormalization":
+            name += f" ({e.op})"
+        if e.status == "folded":
+            table.add_row(name, f"[green]{e.direction} → {e.into}[/]", "", "")
+        else:
+            table.add_row(name, "[yellow]skipped[/]", e.reason, e.message)
     return table
