@@ -17,6 +17,7 @@ gets a fresh model; the input ``ModelProto`` is never modified.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from dataclasses import dataclass
@@ -103,6 +104,14 @@ class _Folder:
         self.entries: list[FoldEntry] = []
         self._const_cache: dict[int, np.ndarray | None] = {}
         self._ranks: dict[str, int] | None = None
+        self._layers = _source_layers(model)
+        self.into_layer: str | None = None
+
+    def layer(self, node: gs.Node | None) -> str | None:
+        if node is None:
+            return None
+        out = next((t.name for t in node.outputs if t.name), None)
+        return self._layers.get(out)
 
     # ---------------------------------------------------------------- helpers
     def unique(self, base: str) -> str:
@@ -238,12 +247,18 @@ class _Folder:
             for node in list(graph.nodes):
                 if node not in graph.nodes:
                     continue  # removed by an earlier fold
-                if node.op == "BatchNormalization" and (node.domain or "") in ("", "ai.onnx"):
-                    self.entries.append(self.fold_bn(graph, node, gname))
-                elif node.op in AFFINE_OPS and self.options.affine_chains and (node.domain or "") in ("", "ai.onnx"):
+                if (node.domain or "") not in ("", "ai.onnx"):
+                    continue
+                layer = self.layer(node)
+                if node.op == "BatchNormalization":
+                    entry = self.fold_bn(graph, node, gname)
+                elif node.op in AFFINE_OPS and self.options.affine_chains:
                     entry = self.fold_affine(graph, node, gname)
-                    if entry is not None:
-                        self.entries.append(entry)
+                else:
+                    continue
+                if entry is not None:
+                    entry.layer = layer
+                    self.entries.append(entry)
         for fn in self.model.functions:
             for n in fn.node:
                 if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx"):
@@ -293,7 +308,7 @@ class _Folder:
                 tried.append(s)
                 continue
             return FoldEntry(bn=label, status="folded", into=into, direction=direction,
-                             message=f"folded {direction} into {into}", graph=gname)
+                             message=f"folded {direction} into {into}", graph=gname, into_layer=self.into_layer)
         if self.options.lower_standalone:
             try:
                 into = self._lower(graph, bn, x, y, affine, params[0].dtype)
@@ -319,6 +334,7 @@ class _Folder:
                         f"the output of {_node_label(producer)} is also used elsewhere (or is a graph output); "
                         "folding would change what the other users see")
         rank = self.rank(x) if producer.op in ("MatMul", "Add") else None
+        self.into_layer = self.layer(producer)
         into = self._fold_into_producer(graph, producer, affine, channel_axis=1, rank=rank)
         writer = x.inputs[0]  # the producer, or the bias Add the fold put after it
         writer.outputs[writer.outputs.index(x)] = y  # it now writes the BN output directly
@@ -336,6 +352,7 @@ class _Folder:
         q = consumers[0]
         if not q.inputs or q.inputs[0] is not y or any(t is y for t in q.inputs[1:]):
             raise _Skip("channel_axis_mismatch", f"it feeds the weight/bias of {q.op}, not its data input")
+        self.into_layer = self.layer(q)
         into = self._fold_into_consumer(graph, q, affine, rank=self.rank(x) if q.op == "MatMul" else None)
         q.inputs[0] = x
         self.remove_node(graph, bn)
@@ -411,7 +428,8 @@ class _Folder:
         writer.outputs[writer.outputs.index(x)] = y
         self.remove_node(graph, node)
         return FoldEntry(bn=label, status="folded", into=into, direction="backward",
-                         message=f"per-channel {op} by a constant folded into {into}", op=op, graph=gname)
+                         message=f"per-channel {op} by a constant folded into {into}", op=op, graph=gname,
+                         into_layer=self.layer(producer))
 
     def _producer_axis(self, producer: gs.Node, out: gs.Tensor) -> tuple[int | None, int | None]:
         """(rank, channel axis) of a producer's output."""
@@ -673,6 +691,31 @@ class _Folder:
             del out.graph.input[:]
             out.graph.input.extend(new_inputs)
         return out
+
+
+def _source_layers(model: onnx.ModelProto) -> dict[str, str]:
+    """Map a node's first output to the source layer it came from, from exporter metadata (torch's dynamo
+    exporter records the module path of every node in ``pkg.torch.onnx.name_scopes``)."""
+    layers: dict[str, str] = {}
+
+    def walk(graph: onnx.GraphProto):
+        for n in graph.node:
+            for p in n.metadata_props:
+                if p.key == "pkg.torch.onnx.name_scopes" and n.output:
+                    try:
+                        scopes = ast.literal_eval(p.value)
+                    except (ValueError, SyntaxError):
+                        continue
+                    if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                        layers[n.output[0]] = str(scopes[-2])
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for g in a.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return layers
 
 
 def _evaluate(node: gs.Node, inputs: list, opset: int) -> list:

@@ -49,6 +49,9 @@ class FoldEntry:
     message: str = ""
     op: str = "BatchNormalization"
     graph: str = ""
+    #: the source-framework layer (e.g. the torch module path ``layer1.0.bn1``) when the model records it
+    layer: str | None = None
+    into_layer: str | None = None
 
     def __post_init__(self):
         assert self.status in ("folded", "skipped"), self.status

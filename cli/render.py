@@ -15,11 +15,12 @@ def report_table(report: FoldReport, title: str) -> Table:
     table.add_column("reason", no_wrap=True)
     table.add_column("why", overflow="fold", ratio=1)
     for e in report.entries:
-        name = f"{e.graph}/{e.bn}" if e.graph else e.bn
+        name = e.layer or e.bn
+        name = f"{e.graph}/{name}" if e.graph else name
         if e.op != "BatchNormalization":
             name += f" ({e.op})"
         if e.status == "folded":
-            table.add_row(name, f"[green]{e.direction} → {e.into}[/]", "", "")
+            table.add_row(name, f"[green]{e.direction} → {e.into_layer or e.into}[/]", "", "")
         else:
             table.add_row(name, "[yellow]skipped[/]", e.reason, e.message)
     return table

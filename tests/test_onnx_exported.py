@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from bnfold.models import zoo
 
 from bnfold import count_bn, fold_model
 from bnfold.export import export_onnx
-from bnfold.models import zoo
 
 from .helpers import assert_close, io_signature, run_ort
 
@@ -44,3 +44,14 @@ def test_exported_network_folds(name):
     # dynamic batch survives folding
     x3 = np.random.default_rng(0).standard_normal((3,) + entry.input_shape[1:]).astype(np.float32)
     assert run_ort(folded, {exported.graph.input[0].name: x3})[0].shape[0] == 3
+
+
+def test_report_names_torch_layers():
+    """Entries carry the torch module path the exporter recorded, so users recognise their layers."""
+    model = zoo.randomize_bn(zoo.create("small_resnet")).eval()
+    folded, report = fold_model(export_onnx(model, (torch.randn(1, 3, 32, 32),)))
+    pairs = {e.layer: e.into_layer for e in report.entries}
+    assert pairs["layers.0.0.bn1"] == "layers.0.0.conv1"
+    assert pairs["layers.1.0.down.1"] == "layers.1.0.down.0"
+    bn_paths = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert set(pairs) == bn_paths
