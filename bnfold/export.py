@@ -36,16 +36,41 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple, *, opset: int | N
     kwargs = dict(dynamo=True, optimize=False, opset_version=opset or DEFAULT_OPSET, input_names=names,
                   output_names=output_names, verbose=False)
     sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
+    errors = []
+    # torch's exporter warns about every optional torchvision op it cannot register: noise here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        for dyn in ([dynamic, None] if dynamic is not None else [None]):
             try:
-                prog = torch.onnx.export(model, example_inputs, dynamic_shapes=dynamic, **kwargs)
+                prog = torch.onnx.export(model, example_inputs, dynamic_shapes=dyn, **kwargs)
+                return prog.model_proto
             except Exception as exc:
-                if dynamic is None:
-                    raise
-                log.info("export with a dynamic batch failed (%s); retrying with a static batch", exc)
-                prog = torch.onnx.export(model, example_inputs, **kwargs)
-    except Exception as exc:
-        raise BnfoldError(f"torch.onnx.export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return prog.model_proto
+                errors.append(_first_line(exc))
+                log.info("dynamo export (%s batch) failed: %s", "dynamic" if dyn else "static", errors[-1])
+        log.warning("the dynamo exporter failed (%s); falling back to the TorchScript exporter, which folds "
+                    "Conv+BatchNorm pairs itself in eval mode", errors[-1])
+        try:
+            return _export_torchscript(model, example_inputs, opset or DEFAULT_OPSET, names, output_names,
+                                       dynamic_batch)
+        except Exception as exc:
+            errors.append(_first_line(exc))
+    raise BnfoldError("torch.onnx.export failed (dynamo: " + errors[0] + "; TorchScript: " + errors[-1] + ")")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _export_torchscript(model, example_inputs, opset, names, output_names, dynamic_batch) -> onnx.ModelProto:
+    import os
+    import tempfile
+
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        torch.onnx.export(model, example_inputs, path, dynamo=False, opset_version=min(opset, 20),
+                          input_names=names, output_names=output_names, dynamic_axes=axes,
+                          do_constant_folding=False)
+        return onnx.load(path)

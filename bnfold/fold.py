@@ -1,4 +1,4 @@
-"""File-level entry points: fold or inspect a model file and write the result safely."""
+"""End-to-end entry points: fold an ONNX file or a PyTorch module, and write the result safely."""
 
 from __future__ import annotations
 
@@ -59,3 +59,59 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
     report.extra["output"] = str(dst_p)
     return report
 
+
+
+def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
+               opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
+               fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False):
+    """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
+
+    Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
+    module-level pass skipped but the ONNX pass then folded (e.g. a BN whose conv output is also used
+    elsewhere is never folded, but a functional pattern may be) is marked folded with where it went.
+    With ``fold=False`` the export keeps every BatchNormalization (a reference for `bnfold verify`).
+    """
+    from bnfold.export import export_onnx
+    from bnfold.torch_fold import fold_module
+
+    result = None
+    module = model
+    if fold:
+        result = fold_module(model, example_inputs)
+        module = result.module
+        if dry_run:
+            result.report.dry_run = True
+            return result, result.report
+    exported = export_onnx(module, example_inputs, opset=opset, input_names=input_names, dynamic_batch=dynamic_batch)
+    if fold:
+        onnx_model, onnx_report = fold_model(exported, options, name="export")
+        report = _merge(result.report, onnx_report)
+    else:
+        onnx_model = exported
+        from bnfold.onnx_fold import inspect_model
+        report = FoldReport(entries=[], model=type(model).__name__, extra={"fold": False})
+        report.extra["onnx_bn_kept"] = inspect_model(exported).bn_total
+    if check:
+        warning = check_folded(exported, onnx_model, "export")
+        if warning:
+            report.extra.setdefault("warnings", []).append(warning)
+    if dst is not None:
+        save_model(onnx_model, dst, copy=False)
+        report.extra["output"] = str(dst)
+    return result, report
+
+
+def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:
+    """Torch-level entries, updated with what the ONNX pass then did to the BNs left in the export."""
+    by_layer = {e.layer: e for e in onnx_report.entries if e.layer}
+    for e in torch_report.entries:
+        if e.status == "skipped" and e.layer in by_layer and by_layer[e.layer].status == "folded":
+            o = by_layer[e.layer]
+            e.status, e.direction, e.into, e.into_layer = "folded", o.direction, o.into, o.into_layer
+            e.message = f"folded {o.direction} into {o.into_layer or o.into} in the exported ONNX " \
+                        f"(module level: {e.reason}: {e.message})"
+            e.reason = None
+    extra = dict(torch_report.extra)
+    extra["onnx_pass"] = {"bn_total": onnx_report.bn_total, "folded": onnx_report.folded,
+                          "skipped": onnx_report.skipped, "affine_folded": onnx_report.affine_folded}
+    return FoldReport(entries=torch_report.entries, model=torch_report.model, extra=extra)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Status = Literal["folded", "skipped"]
+#: Entries whose ``op`` is one of these are per-channel affine ops folded like a BN, not BatchNorms.
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 Direction = Literal["backward", "forward", "lowered"]
 
 #: Every skip reason code, with what it means. Codes are stable across releases.
@@ -34,6 +36,7 @@ REASONS: dict[str, str] = {
     "module_reused": "the conv/linear module is called more than once",
     "parameters_tied": "the conv/linear parameters are shared with another module",
     "not_plain_batchnorm": "a BatchNorm subclass that does more than normalise",
+    "not_called": "the BatchNorm module is never called in the traced forward pass",
 }
 
 
@@ -71,7 +74,7 @@ class FoldReport:
     extra: dict = field(default_factory=dict)
 
     def _bn(self):
-        return [e for e in self.entries if e.op == "BatchNormalization"]
+        return [e for e in self.entries if e.op not in AFFINE_OPS]
 
     @property
     def bn_total(self) -> int:
@@ -87,7 +90,7 @@ class FoldReport:
 
     @property
     def affine_folded(self) -> int:
-        return sum(e.status == "folded" for e in self.entries if e.op != "BatchNormalization")
+        return sum(e.status == "folded" for e in self.entries if e.op in AFFINE_OPS)
 
     def to_dict(self) -> dict:
         return {

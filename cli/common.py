@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -70,4 +71,17 @@ def fold_options(f):
     f = click.option("--no-forward", is_flag=True, help="Never fold a BatchNorm into its consumer.")(f)
     f = click.option("--no-affine", is_flag=True,
                      help="Leave per-channel Mul/Add/Sub/Div-by-constant ops after conv/linear layers alone.")(f)
+    return f
+
+
+def torch_model_options(f):
+    """How to build a PyTorch MODEL given as a factory spec."""
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Load a .pt/.pth checkpoint that is not weights-only (this runs code from the file: "
+                          "only for files you trust).")(f)
+    f = click.option("--opset", type=int, default=None, help="ONNX opset for the export (default 18).")(f)
+    f = click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
+                     help="Shape of each model input (repeat for several inputs).")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                     help="State dict for a PyTorch MODEL: .pt/.pth (weights-only) or .safetensors.")(f)
     return f

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from bnfold.report import FoldReport
+from bnfold.report import AFFINE_OPS, FoldReport
 
 
 def report_table(report: FoldReport, title: str) -> Table:
@@ -17,7 +17,7 @@ def report_table(report: FoldReport, title: str) -> Table:
     for e in report.entries:
         name = e.layer or e.bn
         name = f"{e.graph}/{name}" if e.graph else name
-        if e.op != "BatchNormalization":
+        if e.op in AFFINE_OPS:
             name += f" ({e.op})"
         if e.status == "folded":
             table.add_row(name, f"[green]{e.direction} → {e.into_layer or e.into}[/]", "", "")

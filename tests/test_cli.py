@@ -8,10 +8,10 @@ import subprocess
 
 import onnx
 import pytest
-from bnfold.cli.main import main
 from click.testing import CliRunner
 
 from bnfold import __version__, count_bn
+from bnfold.cli.main import main
 
 from .helpers import G
 

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from bnfold.models import zoo
 
 from bnfold import count_bn, fold_model
 from bnfold.export import export_onnx
+from bnfold.models import zoo
 
 from .helpers import assert_close, io_signature, run_ort
 

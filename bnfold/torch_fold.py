@@ -1,0 +1,413 @@
+"""The PyTorch front end: fold the BatchNorms of any ``nn.Module`` at module level.
+
+The dataflow comes from a trace: ``torch.export`` (non-strict), falling back to ``torch.fx`` symbolic tracing
+(with conv/linear/BN as leaf modules). Every call of a conv/linear/BN module becomes a *call*: the trace nodes
+inside that module call, its one data input and its one output. A BN call folds
+
+* backward into the call that produced its input, when that is a Conv/ConvTranspose (any dims, any groups) or a
+  Linear whose output is 2-D, nothing else uses that output, the layer module is called once and its
+  parameters are not tied to another module;
+* forward into the call that consumes its output otherwise: a Linear on a 2-D input, or a Conv that reads no
+  padding.
+
+Folding rewrites the layer's weight and bias (float64 math, one cast) and replaces the BN module by
+``nn.Identity``; the model's own classes and every other parameter name are kept. The caller's model is not
+modified unless ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from bnfold import formula
+from bnfold.errors import BnfoldError
+from bnfold.report import FoldEntry, FoldReport
+
+log = logging.getLogger(__name__)
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _kind(module: nn.Module) -> str | None:
+    """'conv', 'conv_t', 'linear', 'bn', 'frozen_bn', 'bn_subclass' or None. Exact types only: a subclass may
+    do more than its base (timm's BatchNormAct2d applies an activation inside)."""
+    t = type(module)
+    if t in CONV:
+        return "conv"
+    if t in CONV_T:
+        return "conv_t"
+    if t is nn.Linear:
+        return "linear"
+    if t in PLAIN_BN:
+        return "bn"
+    if t.__name__ == "FrozenBatchNorm2d" and all(
+            isinstance(getattr(module, k, None), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")):
+        # torchvision.ops.FrozenBatchNorm2d: a BN with frozen statistics (buffers only)
+        if t.__module__.startswith("torchvision.") or t.forward.__qualname__.startswith("FrozenBatchNorm2d"):
+            return "frozen_bn"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "bn_subclass"
+    return None
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    return _kind(module) in ("bn", "frozen_bn", "bn_subclass")
+
+
+@dataclass
+class _Call:
+    fqn: str
+    kind: str
+    key: str
+    nodes: list = field(default_factory=list)
+    data_in: list = field(default_factory=list)  # fx nodes outside the call feeding it data
+    outputs: list = field(default_factory=list)  # fx nodes of the call used outside it
+
+    @property
+    def node_set(self):
+        return set(self.nodes)
+
+
+@dataclass
+class TorchFoldResult:
+    """A folded module, its report, and where each original parameter/buffer went."""
+
+    module: nn.Module
+    report: FoldReport
+    param_map: dict[str, list[str]]
+    tracer: str
+
+
+def _check_bn_modules(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        k = _kind(m)
+        if k not in ("bn", "bn_subclass"):
+            continue
+        if m.training:
+            raise BnfoldError(f"BatchNorm '{name}' is in training mode: call model.eval() first")
+        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+            raise BnfoldError(
+                f"BatchNorm '{name}' has no running statistics (track_running_stats=False): it normalises with "
+                "batch statistics at inference too, so it cannot be folded; recalibrate it with running "
+                "statistics (bnfold calibrate) first")
+
+
+# ------------------------------------------------------------------------------------------------ tracing
+def _trace_export(model: nn.Module, example_inputs: tuple, kinds: dict[str, str]):
+    ep = torch.export.export(model, example_inputs, strict=False)
+    sig = ep.graph_signature
+    non_data = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(
+        getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    calls: dict[str, _Call] = {}
+    order: list[_Call] = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        hit = None
+        for key, (fqn, _t) in stack.items():  # outermost to innermost: keep the innermost module of interest
+            if fqn in kinds:
+                hit = (key, fqn)
+        if hit is None:
+            continue
+        key, fqn = hit
+        if key not in calls:
+            calls[key] = _Call(fqn=fqn, kind=kinds[fqn], key=key)
+            order.append(calls[key])
+        calls[key].nodes.append(node)
+
+    def is_data(n):
+        return isinstance(n, fx.Node) and not (n.op == "placeholder" and n.name in non_data) and n.op != "get_attr"
+
+    for call in order:
+        s = call.node_set
+        for n in call.nodes:
+            for a in n.all_input_nodes:
+                if a not in s and is_data(a) and a not in call.data_in:
+                    call.data_in.append(a)
+            if any(u not in s for u in n.users):
+                call.outputs.append(n)
+    return ep.graph, order
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _trace_fx(model: nn.Module, example_inputs: tuple, kinds: dict[str, str]):
+    tracer = _LeafTracer(set(kinds))
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(model, graph)
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(gm).propagate(*example_inputs)
+    order, seen = [], {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in kinds:
+            seen[node.target] = seen.get(node.target, 0) + 1
+            key = node.target if seen[node.target] == 1 else f"{node.target}@{seen[node.target] - 1}"
+            data = [a for a in node.all_input_nodes if a.op != "get_attr"]
+            order.append(_Call(fqn=node.target, kind=kinds[node.target], key=key, nodes=[node], data_in=data,
+                               outputs=[node]))
+    return gm.graph, order
+
+
+def _rank(node) -> int | None:
+    val = node.meta.get("val")
+    if val is None:
+        tm = node.meta.get("tensor_meta")
+        return len(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+    return val.dim() if hasattr(val, "dim") else None
+
+
+# ------------------------------------------------------------------------------------------------ folding
+class _Skip(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _tied(model: nn.Module, fqn: str) -> str | None:
+    """Another module sharing a parameter of module ``fqn``, if any."""
+    module = model.get_submodule(fqn)
+    own = {id(p) for p in module.parameters(recurse=False)}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name == fqn or m is module:
+            continue
+        if any(id(p) in own for p in m.parameters(recurse=False)):
+            return name
+    return None
+
+
+def _bn_affine_of(bn: nn.Module, name: str) -> formula.Affine:
+    def arr(t):
+        return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+    weight = getattr(bn, "weight", None)
+    bias = getattr(bn, "bias", None)
+    return formula.bn_affine(arr(weight), arr(bias), arr(bn.running_mean), arr(bn.running_var), float(bn.eps),
+                             name=name)
+
+
+def _to_param_dtype(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(values)).to(dtype=like.dtype)
+    finite_in = torch.from_numpy(np.isfinite(values))
+    if bool((finite_in & ~torch.isfinite(t.double())).any()):
+        raise _Skip("cast_overflow", f"{what}: a folded value overflows {like.dtype}")
+    return t.to(like.device)
+
+
+def _apply(model: nn.Module, layer_fqn: str, w_new: np.ndarray, b_new: np.ndarray) -> None:
+    layer = model.get_submodule(layer_fqn)
+    w = layer.weight
+    w_t = _to_param_dtype(w_new, w, f"{layer_fqn}.weight")
+    b_t = _to_param_dtype(b_new, w, f"{layer_fqn}.bias")
+    with torch.no_grad():
+        layer.weight.copy_(w_t)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b_t, requires_grad=w.requires_grad)
+        else:
+            layer.bias.copy_(b_t)
+
+
+def _replace_with_identity(model: nn.Module, fqn: str) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+
+
+def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forward: bool = True,
+                tracer: str = "auto") -> TorchFoldResult:
+    """Fold every BatchNorm of ``model`` that can be folded exactly; return the folded module, the report and
+    the map from original parameter/buffer names to where their values went.
+
+    ``example_inputs`` is a tensor or a tuple of tensors used to trace the dataflow. ``tracer`` is
+    ``"auto"`` (torch.export, then torch.fx), ``"export"`` or ``"fx"``.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    _check_bn_modules(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    kinds = {name: k for name, m in model.named_modules() if (k := _kind(m)) is not None}
+    graph, calls, used = None, None, None
+    errors = []
+    for name in (("export", "fx") if tracer == "auto" else (tracer,)):
+        try:
+            with torch.no_grad():
+                graph, calls = (_trace_export if name == "export" else _trace_fx)(model, example_inputs, kinds)
+            used = "torch.export" if name == "export" else "torch.fx"
+            break
+        except Exception as exc:  # tracing failures are expected for some models: try the next tracer
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{name}: {msg}")
+            log.info("tracing with %s failed: %s", name, msg)
+    if calls is None:
+        raise BnfoldError("cannot trace the model to find its dataflow (" + "; ".join(errors) + "); "
+                          "check that it runs on the given --input-shape")
+
+    by_fqn: dict[str, list[_Call]] = {}
+    producer_of: dict = {}
+    call_of: dict = {}
+    for c in calls:
+        by_fqn.setdefault(c.fqn, []).append(c)
+        for o in c.outputs:
+            producer_of[o] = c
+        for n in c.nodes:
+            call_of[n] = c
+    output_nodes = [n for n in graph.nodes if n.op == "output"]
+    graph_outputs = set()
+    for o in output_nodes:
+        graph_outputs.update(o.all_input_nodes)
+
+    entries: list[FoldEntry] = []
+    param_map: dict[str, list[str]] = {k: [k] for k in model.state_dict()}
+    folded_layers: set[str] = set()
+    bn_names = [n for n, k in kinds.items() if k in ("bn", "frozen_bn", "bn_subclass")]
+
+    for bn_name in bn_names:
+        module = model.get_submodule(bn_name)
+        kind = kinds[bn_name]
+        op_name = type(module).__name__
+
+        def skip(code, message, _bn=bn_name, _op=op_name):
+            entries.append(FoldEntry(bn=_bn, status="skipped", reason=code, message=message, op=_op, layer=_bn))
+
+        if kind == "bn_subclass":
+            skip("not_plain_batchnorm", f"{type(module).__qualname__} subclasses BatchNorm and may do more than "
+                 "normalise (e.g. an activation inside): not folded")
+            continue
+        bn_calls = by_fqn.get(bn_name, [])
+        if not bn_calls:
+            skip("not_called", "the module is never called in the traced forward pass")
+            continue
+        if len(bn_calls) > 1:
+            skip("module_reused", f"the BatchNorm module is called {len(bn_calls)} times")
+            continue
+        call = bn_calls[0]
+        if len(call.data_in) != 1 or len(call.outputs) != 1:
+            skip("no_foldable_neighbour", "the BatchNorm call does not have exactly one data input and one output")
+            continue
+        affine = _bn_affine_of(module, bn_name)
+        x, y = call.data_in[0], call.outputs[0]
+        attempts = []
+        for direction in ("backward", "forward"):
+            if direction == "forward" and not forward:
+                continue
+            try:
+                layer, w_new, b_new = (_plan_backward if direction == "backward" else _plan_forward)(
+                    model, call, x, y, affine, by_fqn, producer_of if direction == "backward" else call_of,
+                    graph_outputs)
+                _apply(model, layer, w_new, b_new)
+            except _Skip as s:
+                attempts.append(s)
+                continue
+            _replace_with_identity(model, bn_name)
+            folded_layers.add(layer)
+            for k in list(param_map):
+                if k.startswith(bn_name + "."):
+                    leaf = k[len(bn_name) + 1:]
+                    param_map[k] = ([] if leaf == "num_batches_tracked" else
+                                    [f"{layer}.bias"] if leaf in ("bias", "running_mean") and direction == "backward"
+                                    else [f"{layer}.weight", f"{layer}.bias"])
+            entries.append(FoldEntry(bn=bn_name, status="folded", into=layer, direction=direction,
+                                     message=f"folded {direction} into {layer}", op=type(module).__name__,
+                                     layer=bn_name, into_layer=layer))
+            break
+        else:
+            informative = [a for a in attempts if a.code != "no_foldable_neighbour"]
+            s = (informative or attempts)[0]
+            skip(s.code, s.message)
+    report = FoldReport(entries=entries, model=type(model).__name__, extra={"tracer": used})
+    return TorchFoldResult(module=model, report=report, param_map=param_map, tracer=used)
+
+
+def _layer_checks(model, layer_call: _Call, by_fqn, role: str):
+    fqn = layer_call.fqn
+    if len(by_fqn.get(fqn, [])) > 1:
+        raise _Skip("module_reused", f"the {role} {fqn} is called {len(by_fqn[fqn])} times: folding would change "
+                    "its other calls")
+    tied = _tied(model, fqn)
+    if tied is not None:
+        raise _Skip("parameters_tied", f"the parameters of {fqn} are shared with {tied}")
+
+
+def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs):
+    prod = producer_of.get(x)
+    if prod is None or prod.kind not in ("conv", "conv_t", "linear"):
+        raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear")
+    users_outside = [u for u in x.users if u not in call.node_set]
+    if users_outside or x in graph_outputs:
+        raise _Skip("producer_output_shared", f"the output of {prod.fqn} is also used by something besides the "
+                    "BatchNorm: folding would change what it sees")
+    _layer_checks(model, prod, by_fqn, "producer")
+    layer = model.get_submodule(prod.fqn)
+    w = layer.weight.detach().to("cpu", torch.float64).numpy()
+    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64).numpy()
+    if prod.kind == "linear":
+        r = _rank(x)
+        if r != 2:
+            raise _Skip("channel_axis_mismatch", f"{prod.fqn} output is {r}-D: BatchNorm normalises axis 1, the "
+                        "Linear's features are the last axis")
+        out_channels, layout, groups = w.shape[0], "out_in", 1
+    elif prod.kind == "conv":
+        out_channels, layout, groups = w.shape[0], "out_in", 1
+    else:
+        groups = layer.groups
+        out_channels, layout = w.shape[1] * groups, "in_out"
+    if affine.channels != out_channels:
+        raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {prod.fqn} has {out_channels}")
+    w_new, b_new = formula.fold_backward(w, b, affine, layout=layout, groups=groups)
+    return prod.fqn, w_new, b_new
+
+
+def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs):
+    users = list(y.users)
+    consumers = {id(c): c for u in users for c in [call_of.get(u)] if c is not None}
+    if y in graph_outputs or len(consumers) != 1 or any(call_of.get(u) is None for u in users):
+        foldable = any(c.kind in ("conv", "linear") for c in consumers.values())
+        raise _Skip("consumer_output_shared" if foldable else "no_foldable_neighbour",
+                    "its output is used by several nodes or is a graph output" if foldable else
+                    "its output does not go straight into a Conv/Linear")
+    cons = next(iter(consumers.values()))
+    if cons.kind not in ("conv", "linear") or cons.data_in != [y]:
+        raise _Skip("no_foldable_neighbour", "its output does not go straight into a Conv/Linear")
+    _layer_checks(model, cons, by_fqn, "consumer")
+    layer = model.get_submodule(cons.fqn)
+    w = layer.weight.detach().to("cpu", torch.float64).numpy()
+    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64).numpy()
+    if cons.kind == "linear":
+        r = _rank(y)
+        if r != 2:
+            raise _Skip("channel_axis_mismatch", f"the BatchNorm output is {r}-D: its channel axis is not the "
+                        f"feature axis of {cons.fqn}")
+        groups = 1
+    else:
+        padding = layer.padding
+        pads = [0] if padding == "valid" else ([(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation)]
+                                               if padding == "same" else list(padding))
+        if any(pads):
+            raise _Skip("consumer_padded", f"{cons.fqn} zero-pads its input: the padded zeros would not see the "
+                        "BatchNorm shift, so a forward fold would not be exact")
+        groups = layer.groups
+    if affine.channels != w.shape[1] * groups:
+        raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {cons.fqn} reads {w.shape[1] * groups}")
+    w_new, b_new = formula.fold_forward(w, b, affine, layout="out_in", groups=groups)
+    return cons.fqn, w_new, b_new
+
+
+def count_foldable_bn(model: nn.Module) -> int:
+    """BatchNorm modules still in ``model`` (plain, frozen or subclasses)."""
+    return sum(is_batchnorm(m) for m in model.modules())
