@@ -8,3 +8,12 @@ class BnfoldError(Exception):
 
 class InvalidStatisticsError(BnfoldError):
     """A BatchNorm carries non-finite parameters or running_var + eps <= 0."""
+
+
+class VerificationFailed(Exception):
+    """A check ran and failed (exit 1, not 2): the folded model does not match the original. Nothing was
+    written. ``result`` holds the :class:`bnfold.verify.VerifyResult`."""
+
+    def __init__(self, result):
+        super().__init__(result.verdict())
+        self.result = result

@@ -29,12 +29,15 @@ def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = Non
 
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
-                   dry_run: bool = False, check: bool = True, in_place: bool = False) -> FoldReport:
+                   dry_run: bool = False, check: bool = True, in_place: bool = False,
+                   verify: dict | bool | None = None) -> FoldReport:
     """Fold the ONNX model at ``src`` and write it atomically to ``dst``.
 
     ``dst`` equal to ``src`` is refused unless ``in_place``. With ``dry_run`` nothing is written. The written
     model passes ``onnx.checker`` (full check) when ``check`` is set; models that used external data keep it
-    (``<dst>.data``).
+    (``<dst>.data``). With ``verify`` (True, or a dict of :func:`bnfold.verify.verify` arguments) the folded model
+    is compared with the original before anything is written; a failure raises
+    :class:`bnfold.errors.VerificationFailed` and writes nothing.
     """
     src_p = Path(src)
     if not dry_run:
@@ -53,6 +56,8 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
         warning = check_folded(loaded.model, folded, str(src_p))
         if warning:
             report.extra["warnings"] = [warning]
+    if verify:
+        _verify_or_raise(loaded.model, folded, report, verify)
     external = loaded.external_data
     del loaded
     save_model(folded, dst_p, external_data=external, copy=False)
@@ -63,13 +68,15 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
 
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
-               fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False):
+               fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False,
+               verify: dict | bool | None = None):
     """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
 
     Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
     module-level pass skipped but the ONNX pass then folded (e.g. a BN whose conv output is also used
     elsewhere is never folded, but a functional pattern may be) is marked folded with where it went.
     With ``fold=False`` the export keeps every BatchNormalization (a reference for `bnfold verify`).
+    ``verify`` compares the folded ONNX model with the original module (run eagerly) before writing.
     """
     from bnfold.export import export_onnx
     from bnfold.torch_fold import fold_module
@@ -95,6 +102,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         warning = check_folded(exported, onnx_model, "export")
         if warning:
             report.extra.setdefault("warnings", []).append(warning)
+    if verify and fold:
+        _verify_or_raise(model, onnx_model, report, verify)
     if dst is not None:
         save_model(onnx_model, dst, copy=False)
         report.extra["output"] = str(dst)
@@ -115,3 +124,15 @@ def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:
     extra["onnx_pass"] = {"bn_total": onnx_report.bn_total, "folded": onnx_report.folded,
                           "skipped": onnx_report.skipped, "affine_folded": onnx_report.affine_folded}
     return FoldReport(entries=torch_report.entries, model=torch_report.model, extra=extra)
+
+
+def _verify_or_raise(reference, folded, report: FoldReport, verify) -> None:
+    from bnfold.errors import VerificationFailed
+    from bnfold.verify import verify as run_verify
+
+    kwargs = verify if isinstance(verify, dict) else {}
+    result = run_verify(reference, folded, **kwargs)
+    report.extra["verify"] = result.to_dict()
+    report.extra["verify_verdict"] = result.verdict()
+    if not result.passed:
+        raise VerificationFailed(result)

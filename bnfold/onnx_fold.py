@@ -755,8 +755,10 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *,
     out = folder.export()
     meta = {"version": __version__, "bn_total": report.bn_total, "folded": report.folded,
             "skipped": report.skipped, "affine_folded": report.affine_folded,
-            "entries": [{"bn": e.bn, "status": e.status, "into": e.into, "direction": e.direction,
-                         "reason": e.reason} for e in report.entries]}
+            "entries": [{k: v for k, v in (("bn", e.bn), ("status", e.status), ("into", e.into),
+                                           ("direction", e.direction), ("reason", e.reason), ("layer", e.layer),
+                                           ("into_layer", e.into_layer)) if v is not None}
+                        for e in report.entries]}
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, separators=(",", ":")))
     return out, report
 

@@ -80,7 +80,9 @@ def resolve_factory(spec: str):
 def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     factory, default_shape = resolve_factory(spec)
     try:
-        model = factory()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a deterministic initialisation when no weights are given
+            model = factory()
     except Exception as exc:
         raise BnfoldError(f"calling '{spec}' failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(model, nn.Module):

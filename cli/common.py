@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, VerificationFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -47,6 +47,12 @@ def common_options(f):
                 raise
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             ctx.exit(EXIT_BAD_INPUT)
+        except VerificationFailed as exc:
+            json_mode = kwargs.get("json_mode", False)
+            if json_mode:
+                click.echo(exc.result.to_json())
+            err_console.print(exc.result.verdict() + " (nothing written)", soft_wrap=True, markup=False)
+            ctx.exit(EXIT_FAILED)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # a bug: still one line unless --debug
@@ -84,4 +90,20 @@ def torch_model_options(f):
                      help="Shape of each model input (repeat for several inputs).")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
                      help="State dict for a PyTorch MODEL: .pt/.pth (weights-only) or .safetensors.")(f)
+    return f
+
+
+def verify_options(f):
+    """How verify compares a reference and a candidate (shared by `verify` and `fold --verify`)."""
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")(f)
+    f = click.option("--batch", type=int, default=8, show_default=True,
+                     help="Batch size of random inputs when the batch dimension is dynamic.")(f)
+    f = click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by output dtype).")(f)
+    f = click.option("--atol", type=float, default=None,
+                     help="Absolute tolerance (default: by output dtype, scaled by the output's magnitude).")(f)
+    f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="ONNX Runtime execution provider.")(f)
+    f = click.option("--data", metavar="digits|FILE.npz|DIR",
+                     help="Real inputs: the bundled digits, an .npz (arrays named after the inputs, optional "
+                          "'labels'), or an image folder (one subfolder per class).")(f)
     return f

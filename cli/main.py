@@ -14,7 +14,16 @@ from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file
 from bnfold.onnx_fold import FoldOptions
 from bnfold.onnx_io import write_text_atomic
 
-from .common import EXIT_OK, common_options, fold_options, json_option, out_console, torch_model_options
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    common_options,
+    fold_options,
+    json_option,
+    out_console,
+    torch_model_options,
+    verify_options,
+)
 from .render import report_table
 
 
@@ -31,6 +40,7 @@ def main():
       bnfold inspect model.onnx
       bnfold fold model.onnx -o folded.onnx --report report.json
       bnfold fold torchvision.models:resnet18 --weights r18.pth --input-shape 1x3x224x224 -o r18.onnx
+      bnfold verify original.onnx folded.onnx --data digits
     """
 
 
@@ -90,12 +100,17 @@ def inspect(model: Path, json_mode: bool, **opts):
 @click.option("--dry-run", is_flag=True, help="Plan only: report what would be folded, write nothing.")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path (.onnx input).")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker (full check) on the result.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Compare the folded model with the original before writing it (exit 1 and write nothing if "
+                   "they differ); --ep/--data/--atol/--rtol apply.")
 @torch_model_options
+@verify_options
 @fold_options
 @json_option
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
-         no_check: bool, json_mode: bool, weights, input_shape, opset, trust_pickle, **opts):
+         no_check: bool, do_verify: bool, json_mode: bool, weights, input_shape, opset, trust_pickle,
+         ep, data, atol, rtol, batch, seed, **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -111,14 +126,19 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     options = _options(**opts)
+    verify = None
+    if do_verify and not dry_run:
+        verify = _verify_kwargs(model, output, input_shape, ep, data, atol, rtol, batch, seed)
     if _is_onnx(model):
         report = fold_onnx_file(Path(model), output, options, dry_run=dry_run, check=not no_check,
-                                in_place=in_place)
+                                in_place=in_place, verify=verify)
     else:
         torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
         _, report = fold_torch(torch_model, inputs, None if dry_run else output, options, opset=opset,
-                               input_names=names, check=not no_check, dry_run=dry_run)
+                               input_names=names, check=not no_check, dry_run=dry_run, verify=verify)
     verdict = f"PLAN | {report.summary()}" if dry_run else f"FOLDED | {report.summary()} -> {output}"
+    if "verify_verdict" in report.extra:
+        out_console(json_mode).print(report.extra["verify_verdict"], soft_wrap=True, markup=False)
     _finish(report, json_mode=json_mode, verdict=verdict, model=model, report_path=report_path)
 
 
@@ -150,6 +170,80 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     else:
         verdict = f"EXPORTED | {report.summary()} -> {output}"
     _finish(report, json_mode=json_mode, verdict=verdict, model=model, report_path=report_path)
+
+
+def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed) -> dict:
+    from bnfold.torch_io import parse_input_shape
+
+    kwargs = dict(input_shapes=[parse_input_shape(s) for s in input_shape], ep=ep, atol=atol, rtol=rtol,
+                  batch=batch, seed=seed)
+    if data:
+        kwargs["data"] = _load_data(data, model if _is_onnx(model) else None)
+    return kwargs
+
+
+def _load_data(spec: str, onnx_path: str | None):
+    """Load --data; image folders are resized to the model's input height and width."""
+    from bnfold.data import load_dataset
+
+    size, channels = None, 3
+    if onnx_path and Path(spec).is_dir():
+        import onnx
+
+        dims = onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
+            channels, size = dims[1].dim_value, (dims[2].dim_value, dims[3].dim_value)
+    return load_dataset(spec, image_size=size, channels=channels)
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@verify_options
+@click.option("--max-samples", type=int, default=2000, show_default=True, help="Use at most this many data samples.")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
+              help="Shape of each input (needed for dynamic dimensions other than the batch).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="State dict for a PyTorch REFERENCE (.pt/.pth weights-only, or .safetensors).")
+@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@json_option
+@common_options
+def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, max_samples, input_shape, weights,
+           trust_pickle, json_mode: bool):
+    """Check that CANDIDATE (folded .onnx) computes what REFERENCE (the original) computes.
+
+    REFERENCE is an .onnx file (run with ONNX Runtime's graph optimizations off, so the runtime cannot fold for
+    us) or a PyTorch factory spec with --weights (run eagerly). Ends with a PASSED/FAILED line; exit 0 on pass,
+    1 on fail, 2 on bad input. On failure the first fold whose output diverges is named.
+
+    \b
+    Examples:
+      bnfold verify original.onnx folded.onnx
+      bnfold verify original.onnx folded.onnx --data val.npz --json
+      bnfold verify small_resnet folded.onnx --weights ckpt.safetensors --ep cuda
+    """
+    from bnfold.onnx_io import load_model
+    from bnfold.torch_io import parse_input_shape
+    from bnfold.verify import verify as run_verify
+
+    cand = load_model(candidate).model
+    if _is_onnx(reference):
+        ref = load_model(reference).model
+    else:
+        ref, _, _ = _load_torch(reference, weights, input_shape, trust_pickle)
+    dataset = _load_data(data, str(candidate)) if data else None
+    result = run_verify(ref, cand, input_shapes=[parse_input_shape(s) for s in input_shape], data=dataset, ep=ep,
+                        atol=atol, rtol=rtol, batch=batch, seed=seed, max_samples=max_samples)
+    con = out_console(json_mode)
+    if json_mode:
+        click.echo(result.to_json())
+    elif not click.get_current_context().meta.get("quiet"):
+        from .render import verify_table
+        con.print(verify_table(result))
+    for note in result.notes:
+        con.print(f"[yellow]note:[/] {note}")
+    con.print(result.verdict(), soft_wrap=True, markup=False)
+    sys.exit(EXIT_OK if result.passed else EXIT_FAILED)
 
 
 if __name__ == "__main__":  # pragma: no cover

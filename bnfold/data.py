@@ -1,0 +1,112 @@
+"""Datasets: the handwritten digits bundled with scikit-learn (no download), ``.npz`` files, image folders.
+
+Every loader returns a :class:`Dataset`: ``inputs`` maps input names (or ``"x"`` for single-input data) to
+float32 arrays with the sample axis first, ``labels`` is an int64 array or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnfold.errors import BnfoldError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    name: str
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits, scaled to [0, 1], as (N, 64) float32 plus labels."""
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        raise BnfoldError("the embedded digits need scikit-learn: pip install scikit-learn") from None
+    d = _load()
+    return Dataset({"x": (d.data / 16.0).astype(np.float32)}, d.target.astype(np.int64), "digits",
+                   [str(c) for c in range(10)])
+
+
+def load_npz(path: str | Path) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise BnfoldError(f"{p}: no such data file")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise BnfoldError(f"{p}: not a readable .npz file ({exc}); object arrays are refused") from None
+    labels = None
+    for key in ("labels", "y"):
+        if key in arrays:
+            labels = np.asarray(arrays.pop(key)).astype(np.int64).reshape(-1)
+            break
+    if not arrays:
+        raise BnfoldError(f"{p}: no input arrays (expected 'x' or arrays named after the model inputs)")
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1 or (labels is not None and len(labels) not in n):
+        raise BnfoldError(f"{p}: arrays have different numbers of samples")
+    return Dataset({k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in arrays.items()}, labels, p.name)
+
+
+def load_image_folder(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> Dataset:
+    """One subfolder per class; images resized to ``size`` (H, W), scaled to [0, 1], channels first."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise BnfoldError("reading an image folder needs Pillow: pip install pillow") from None
+    root = Path(path)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise BnfoldError(f"{root}: no class subfolders (expected one folder of images per class)")
+    xs, ys = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                img = Image.open(f).convert("L" if channels == 1 else "RGB")
+            except Exception as exc:
+                raise BnfoldError(f"{f}: not a readable image ({exc})") from None
+            if size is not None:
+                img = img.resize((size[1], size[0]))
+            a = np.asarray(img, dtype=np.float32) / 255.0
+            xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+            ys.append(i)
+    if not xs:
+        raise BnfoldError(f"{root}: no images found in the class subfolders")
+    if len({x.shape for x in xs}) != 1:
+        raise BnfoldError(f"{root}: images have different sizes; pass the model's input shape so they are resized")
+    return Dataset({"x": np.stack(xs)}, np.asarray(ys, np.int64), root.name, classes)
+
+
+def load_dataset(spec: str | Path, *, image_size: tuple[int, int] | None = None, channels: int = 3) -> Dataset:
+    """``digits``, a ``.npz`` file, or an image folder."""
+    if str(spec) == "digits":
+        return load_digits()
+    p = Path(spec)
+    if p.is_dir():
+        return load_image_folder(p, image_size, channels)
+    if p.suffix == ".npz" or p.is_file():
+        return load_npz(p)
+    raise BnfoldError(f"--data '{spec}': not 'digits', an existing .npz file or an image folder")
+
+
+def fit_to_shape(x: np.ndarray, sample_shape: tuple) -> np.ndarray:
+    """Reshape samples to the model's per-sample shape when only the layout differs ((N, 64) -> (N, 1, 8, 8))."""
+    if tuple(x.shape[1:]) == tuple(sample_shape):
+        return x
+    if int(np.prod(x.shape[1:])) == int(np.prod(sample_shape)):
+        return x.reshape((len(x),) + tuple(sample_shape))
+    raise BnfoldError(f"data samples have shape {tuple(x.shape[1:])} but the model expects {tuple(sample_shape)}")
