@@ -1,10 +1,15 @@
-"""Validity checks on a folded model: ``onnx.checker`` (full check, which includes strict shape inference)."""
+"""Validity checks on a folded model: ``onnx.checker`` (full check, which includes strict shape inference).
+
+The check runs on the written file (inside the atomic save, before the rename), so the model is not serialized
+a second time just to be checked; an in-memory model is checked through a temporary file when over 2 GB.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 import onnx
 
@@ -14,31 +19,45 @@ log = logging.getLogger(__name__)
 _2GB = 2**31 - 1
 
 
-def checker_error(model: onnx.ModelProto) -> str | None:
-    """The first line of onnx.checker's complaint about ``model`` (full check), or None if it passes."""
+def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
+    """The first line of onnx.checker's complaint (full check) about a model or model file, or None."""
     try:
-        if model.ByteSize() > _2GB:
+        if isinstance(model, onnx.ModelProto) and approx_size(model) > _2GB // 2:
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "m.onnx")
                 onnx.save_model(model, p, save_as_external_data=True, location="m.data")
                 onnx.checker.check_model(p, full_check=True)
         else:
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
     return None
 
 
-def check_folded(original: onnx.ModelProto, folded: onnx.ModelProto, label: str = "model") -> str | None:
-    """Check the folded model. A failure the original shares is returned as a warning string; a failure only
-    the folded model has is a bug in bnfold and raises."""
-    err = checker_error(folded)
-    if err is None:
-        return None
-    orig_err = checker_error(original)
-    if orig_err is not None:
-        msg = f"{label}: the input already fails onnx.checker ({orig_err}); the folded model fails it too"
-        log.warning(msg)
-        return msg
-    raise BnfoldError(f"internal error: the folded {label} fails onnx.checker ({err}) although the input passes; "
-                      "nothing was written. Please report this with the model")
+def approx_size(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the model's initializers (cheap: no serialization)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+    return total
+
+
+def folded_checker(original: onnx.ModelProto | str | os.PathLike, label: str, warnings: list[str]):
+    """A validate hook for :func:`bnfold.onnx_io.save_model`: check the written file; a failure the original
+    shares becomes a warning, a failure only the folded model has is a bug in bnfold and aborts the save."""
+
+    def validate(path: Path) -> None:
+        err = checker_error(path)
+        if err is None:
+            return
+        orig_err = checker_error(original)
+        if orig_err is not None:
+            msg = f"{label}: the input already fails onnx.checker ({orig_err}); the folded model fails it too"
+            log.warning(msg)
+            warnings.append(msg)
+            return
+        raise BnfoldError(f"internal error: the folded {label} fails onnx.checker ({err}) although the input "
+                          "passes; nothing was written. Please report this with the model")
+
+    return validate

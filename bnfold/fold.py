@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from bnfold.check import check_folded
+from bnfold.check import folded_checker
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold import FoldOptions, fold_model
 from bnfold.onnx_io import load_model, save_model
@@ -52,15 +52,15 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
     folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p))
     if dry_run:
         return report
-    if check:
-        warning = check_folded(loaded.model, folded, str(src_p))
-        if warning:
-            report.extra["warnings"] = [warning]
     if verify:
         _verify_or_raise(loaded.model, folded, report, verify)
     external = loaded.external_data
-    del loaded
-    save_model(folded, dst_p, external_data=external, copy=False)
+    del loaded  # the original is no longer needed: free it before serializing the result
+    warnings: list[str] = []
+    validate = folded_checker(src_p, str(src_p), warnings) if check else None
+    save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
+    if warnings:
+        report.extra["warnings"] = warnings
     report.extra["output"] = str(dst_p)
     return report
 
@@ -98,15 +98,15 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         from bnfold.onnx_fold import inspect_model
         report = FoldReport(entries=[], model=type(model).__name__, extra={"fold": False})
         report.extra["onnx_bn_kept"] = inspect_model(exported).bn_total
-    if check:
-        warning = check_folded(exported, onnx_model, "export")
-        if warning:
-            report.extra.setdefault("warnings", []).append(warning)
     if verify and fold:
         _verify_or_raise(model, onnx_model, report, verify)
     if dst is not None:
-        save_model(onnx_model, dst, copy=False)
+        warnings: list[str] = []
+        validate = folded_checker(exported, "export", warnings) if check else None
+        save_model(onnx_model, dst, copy=False, validate=validate)
         report.extra["output"] = str(dst)
+        if warnings:
+            report.extra["warnings"] = warnings
     return result, report
 
 

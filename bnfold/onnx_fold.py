@@ -101,6 +101,8 @@ class _Folder:
         self.all_outputs = {id(t) for g in self.graphs for t in g.outputs}
         self.names = {name for g in self.graphs for name in g.tensors()}
         self.names.update(n.name for g in self.graphs for n in g.nodes if n.name)
+        # node -> its graph, by identity (gs.Node.__eq__ compares attributes: far too slow for membership tests)
+        self.graph_of: dict[int, gs.Graph] = {id(n): g for g in self.graphs for n in g.nodes}
         self.entries: list[FoldEntry] = []
         self._const_cache: dict[int, np.ndarray | None] = {}
         self._ranks: dict[str, int] | None = None
@@ -232,20 +234,29 @@ class _Folder:
         else:
             node.inputs[idx] = c
 
+    def in_graph(self, node: gs.Node, graph: gs.Graph) -> bool:
+        return self.graph_of.get(id(node)) is graph
+
+    @staticmethod
+    def _position(graph: gs.Graph, node: gs.Node) -> int:
+        return next(i for i, n in enumerate(graph.nodes) if n is node)
+
     def remove_node(self, graph: gs.Graph, node: gs.Node) -> None:
         node.inputs.clear()
         node.outputs.clear()
-        graph.nodes.remove(node)
+        del graph.nodes[self._position(graph, node)]
+        self.graph_of.pop(id(node), None)
 
     def insert_after(self, graph: gs.Graph, anchor: gs.Node, node: gs.Node) -> None:
-        graph.nodes.insert(graph.nodes.index(anchor) + 1, node)
+        graph.nodes.insert(self._position(graph, anchor) + 1, node)
+        self.graph_of[id(node)] = graph
 
     # ---------------------------------------------------------------- driver
     def run(self) -> None:
         for graph in self.graphs:
             gname = "" if graph is self.root else graph.name
             for node in list(graph.nodes):
-                if node not in graph.nodes:
+                if not self.in_graph(node, graph):
                     continue  # removed by an earlier fold
                 if (node.domain or "") not in ("", "ai.onnx"):
                     continue
@@ -327,7 +338,7 @@ class _Folder:
         if not x.inputs:
             raise _Skip("no_foldable_neighbour", "input is a graph input", applicable=False)
         producer = x.inputs[0]
-        if producer not in graph.nodes or not self._is_producer(producer):
+        if not self.in_graph(producer, graph) or not self._is_producer(producer):
             raise _Skip("no_foldable_neighbour", f"producer {producer.op} cannot absorb it", applicable=False)
         if self.uses(x) != 1:
             raise _Skip("producer_output_shared",
@@ -337,7 +348,7 @@ class _Folder:
         self.into_layer = self.layer(producer)
         into = self._fold_into_producer(graph, producer, affine, channel_axis=1, rank=rank)
         writer = x.inputs[0]  # the producer, or the bias Add the fold put after it
-        writer.outputs[writer.outputs.index(x)] = y  # it now writes the BN output directly
+        writer.outputs[_index(writer.outputs, x)] = y  # it now writes the BN output directly
         self.remove_node(graph, bn)
         return into
 
@@ -346,7 +357,7 @@ class _Folder:
         foldable = [c for c in consumers if c.op in CONSUMERS and (c.domain or "") in ("", "ai.onnx")]
         if not foldable:
             raise _Skip("no_foldable_neighbour", "no consumer can absorb it", applicable=False)
-        if len(consumers) != 1 or id(y) in self.all_outputs or consumers[0] not in graph.nodes:
+        if len(consumers) != 1 or id(y) in self.all_outputs or not self.in_graph(consumers[0], graph):
             raise _Skip("consumer_output_shared",
                         "its output has several consumers or is a graph output, so it cannot fold forward")
         q = consumers[0]
@@ -377,10 +388,12 @@ class _Folder:
                       outputs=[mid])
         add = gs.Node("Add", self.unique(f"{base}_add"), inputs=[mid, gs.Constant(self.unique(f"{base}_shift"), t)],
                       outputs=[y])
-        idx = graph.nodes.index(bn)
+        idx = self._position(graph, bn)
         bn.outputs.clear()
         bn.inputs.clear()
         graph.nodes[idx:idx + 1] = [mul, add]
+        self.graph_of.pop(id(bn), None)
+        self.graph_of[id(mul)] = self.graph_of[id(add)] = graph
         return f"{mul.name}+{add.name}"
 
     # ---------------------------------------------------------------- per-channel affine ops
@@ -395,7 +408,7 @@ class _Folder:
         if not x.inputs or self.uses(x) != 1 or not _is_float(c.dtype):
             return None
         producer = x.inputs[0]
-        if producer not in graph.nodes or not self._is_producer(producer):
+        if not self.in_graph(producer, graph) or not self._is_producer(producer):
             return None
         rank, axis = self._producer_axis(producer, x)
         if rank is None or c.ndim > rank:
@@ -425,7 +438,7 @@ class _Folder:
         except _Skip as s:
             return FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname)
         writer = x.inputs[0]
-        writer.outputs[writer.outputs.index(x)] = y
+        writer.outputs[_index(writer.outputs, x)] = y
         self.remove_node(graph, node)
         return FoldEntry(bn=label, status="folded", into=into, direction="backward",
                          message=f"per-channel {op} by a constant folded into {into}", op=op, graph=gname,
@@ -644,7 +657,7 @@ class _Folder:
         w_new, delta = formula.fold_forward(w, None, affine, layout="in_out")
         out = q.outputs[0]
         nxt = out.outputs[0] if len(out.outputs) == 1 and id(out) not in self.all_outputs else None
-        if nxt is not None and nxt in graph.nodes and self._matmul_add(nxt) is not None and self._matmul_add(nxt)[0] is q:
+        if nxt is not None and self.in_graph(nxt, graph) and self._matmul_add(nxt) is not None and self._matmul_add(nxt)[0] is q:
             bidx = self._matmul_add(nxt)[1]
             bias = np.asarray(self.const(nxt.inputs[bidx]), np.float64)
             b_new = bias + delta
@@ -691,6 +704,10 @@ class _Folder:
             del out.graph.input[:]
             out.graph.input.extend(new_inputs)
         return out
+
+
+def _index(items, item) -> int:
+    return next(i for i, x in enumerate(items) if x is item)
 
 
 def _source_layers(model: onnx.ModelProto) -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,15 +135,16 @@ def validate_model(model: onnx.ModelProto, label: str = "model") -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               copy: bool = True) -> Path:
+               copy: bool = True, validate: Callable[[Path], None] | None = None) -> Path:
     """Atomically write ``model`` to ``path``. Tensors go to ``<name>.data`` beside it when ``external_data``
     is set or the model would not fit in one protobuf (2 GB). With ``copy=False`` the tensors of ``model`` may
-    be moved to external storage in place (saves memory when the caller discards the model)."""
+    be moved to external storage in place (saves memory when the caller discards the model). ``validate`` is
+    called with the written temporary file before it is renamed into place; if it raises, nothing is written."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise BnfoldError(f"{out}: output folder {parent} does not exist")
-    if not external_data and model.ByteSize() > _2GB:
+    if not external_data and _tensor_bytes(model) > _2GB // 2:
         external_data = True
     data_name = out.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
@@ -161,14 +162,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                     raise AssertionError("model tensors must be loaded before saving")
             onnx.save_model(m, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
+        if validate is not None:
+            validate(tmp_model)
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the initializers: a cheap lower bound of the serialized size."""
+    return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+               + 8 * (len(t.int64_data) + len(t.double_data)) for t in model.graph.initializer)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

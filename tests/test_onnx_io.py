@@ -142,3 +142,29 @@ def test_save_roundtrip_keeps_values(tmp_path):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
     # the caller's model was not converted to external data
     assert all(not t.external_data for t in m.graph.initializer)
+
+
+def test_checker_failure_only_in_output_aborts_the_write(tmp_path, monkeypatch):
+    p = tmp_path / "m.onnx"
+    onnx.save(small_model(), p)
+    import bnfold.fold as fold_mod
+    real = fold_mod.fold_model
+
+    def broken(model, *a, **k):
+        folded, report = real(model, *a, **k)
+        folded.graph.node[0].input[1] = "no_such_tensor"  # what a buggy rewrite could leave behind
+        return folded, report
+    monkeypatch.setattr(fold_mod, "fold_model", broken)
+    with pytest.raises(BnfoldError, match="internal error.*fails onnx.checker"):
+        fold_onnx_file(p, tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_checker_failure_shared_with_input_is_a_warning(tmp_path):
+    m = small_model()
+    m.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE  # Relu makes float: already invalid
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    report = fold_onnx_file(p, tmp_path / "out.onnx")
+    assert report.folded == 1 and (tmp_path / "out.onnx").exists()
+    assert report.extra["warnings"] and "already fails onnx.checker" in report.extra["warnings"][0]
