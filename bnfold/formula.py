@@ -129,17 +129,43 @@ def _per_element(values: np.ndarray, shape, axis: int, groups: int) -> np.ndarra
     return v.reshape(v.shape + (1,) * (ndim - 2))
 
 
-def fold_backward(weight, bias, affine: Affine, *, layout: str = "out_in", groups: int = 1):
-    """Fold ``affine`` (applied to this layer's output) into the layer. Returns float64 ``(weight, bias)``.
+def fold_backward(weight, bias, affine: Affine, *, layout: str = "out_in", groups: int = 1, dtype=None):
+    """Fold ``affine`` (applied to this layer's output) into the layer. Returns ``(weight, bias)``: float64, or
+    cast once to ``dtype`` (with the overflow check of :func:`cast_checked`) when it is given.
 
     ``bias`` may be None (treated as 0) or any array broadcastable against the channels on its last axis
     (Gemm's C of shape ``(M, N)``, ``(1, N)``, a scalar...); the result has the broadcast shape.
     """
-    w = np.asarray(weight, dtype=np.float64)
     out_axis, _ = _axes(layout)
-    w_new = w * _per_element(affine.scale, w.shape, out_axis, groups)
+    w = np.asarray(weight)
+    s = _per_element(affine.scale, w.shape, out_axis, groups)
     b = np.zeros((affine.channels,), np.float64) if bias is None else np.asarray(bias, dtype=np.float64)
-    return w_new, b * affine.scale + affine.shift
+    b_new = b * affine.scale + affine.shift
+    if dtype is None:
+        return w.astype(np.float64) * s, b_new
+    return scale_cast(w, s, dtype, what="weight"), cast_checked(b_new, dtype, what="bias")
+
+
+_NATIVE_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def scale_cast(weight: np.ndarray, factor: np.ndarray, dtype, *, what: str) -> np.ndarray:
+    """``weight * factor`` computed in float64 and rounded once to ``dtype``, without materialising a float64
+    copy of the weight (numpy's ufunc loop casts in small buffers). Raises :class:`CastOverflow` if a finite
+    product does not fit ``dtype``."""
+    dtype = np.dtype(dtype)
+    w = np.asarray(weight)
+    if dtype not in _NATIVE_FLOATS or w.dtype not in _NATIVE_FLOATS:  # bfloat16 and friends: the plain path
+        return cast_checked(w.astype(np.float64) * factor, dtype, what=what)
+    out = np.empty(np.broadcast_shapes(w.shape, np.shape(factor)), dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+    if not np.isfinite(out).all():
+        exact = w.astype(np.float64) * factor
+        bad = np.flatnonzero((np.isfinite(exact) & ~np.isfinite(out)).reshape(-1))
+        if bad.size:
+            raise CastOverflow(f"{what}: folded value {exact.reshape(-1)[bad[0]]:.6g} overflows {dtype.name}")
+    return out
 
 
 def fold_forward(weight, bias, affine: Affine, *, layout: str = "out_in", groups: int = 1):

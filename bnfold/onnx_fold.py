@@ -513,6 +513,13 @@ class _Folder:
         raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {where} has {n}")
 
     @staticmethod
+    def _fold_cast(w, b, affine, layout, groups, label):
+        try:
+            return formula.fold_backward(w, b, affine, layout=layout, groups=groups, dtype=w.dtype)
+        except formula.CastOverflow as exc:
+            raise _Skip("cast_overflow", f"{label} {exc}") from None
+
+    @staticmethod
     def _cast(pairs, label):
         try:
             return [formula.cast_checked(v, dt, what=f"{label} {what}") for v, dt, what in pairs]
@@ -531,11 +538,11 @@ class _Folder:
             b = self._vector_bias(b, w.shape[0] if op == "Conv" else w.shape[1] * groups, label)
             if op == "Conv":
                 affine = self._channels(affine, w.shape[0], label)
-                w_new, b_new = formula.fold_backward(w, b, affine, layout="out_in")
+                layout = "out_in"
             else:
                 affine = self._channels(affine, w.shape[1] * groups, label)
-                w_new, b_new = formula.fold_backward(w, b, affine, layout="in_out", groups=groups)
-            w_new, b_new = self._cast([(w_new, w.dtype, "weight"), (b_new, w.dtype, "bias")], label)
+                layout = "in_out"
+            w_new, b_new = self._fold_cast(w, b, affine, layout, groups, label)
             self.set_input(p, 1, w_new, f"{label}_W")
             self.set_input(p, 2, b_new, f"{label}_B")
             return label
