@@ -7,6 +7,8 @@ really uses (``session.get_providers()``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 
@@ -40,9 +42,15 @@ def check_ep(ep: str) -> None:
                           f"(available: {', '.join(ort.get_available_providers())})")
 
 
+class ProviderFallback(BnfoldError):
+    """The requested provider is listed but the session fell back to another one."""
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, ep: str = "cpu", opt_level: str = "off",
-                 threads: int | None = None, provider_options: dict | None = None) -> ort.InferenceSession:
-    """A session on ``ep`` at graph optimization level ``opt_level`` (off/basic/extended/all)."""
+                 threads: int | None = None, provider_options: dict | None = None,
+                 strict: bool = True) -> ort.InferenceSession:
+    """A session on ``ep`` at graph optimization level ``opt_level`` (off/basic/extended/all). With ``strict``
+    a silent fallback to another provider raises :class:`ProviderFallback`."""
     check_ep(ep)
     so = ort.SessionOptions()
     so.graph_optimization_level = OPT_LEVELS[opt_level]
@@ -54,14 +62,23 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, ep: str = "cpu",
     if provider_options:
         providers = [(p, provider_options.get(p, {})) for p in providers]
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    chatter = io.StringIO()
     try:
-        sess = ort.InferenceSession(src, so, providers=providers)
+        # onnxruntime print()s provider failures ("EP Error ... Falling back") to stdout: keep stdout clean
+        with contextlib.redirect_stdout(chatter):
+            sess = ort.InferenceSession(src, so, providers=providers)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BnfoldError(f"ONNX Runtime cannot load the model on '{ep}': {msg[:300]}") from None
+    if chatter.getvalue().strip():
+        log.debug("onnxruntime: %s", chatter.getvalue().strip())
     used = sess.get_providers()
-    if PRIMARY[ep] not in used:
-        log.warning("asked for %s but the session runs on %s", PRIMARY[ep], ", ".join(used))
+    if used[0] != PRIMARY[ep]:
+        msg = (f"asked for {ep} ({PRIMARY[ep]}) but the session runs on {', '.join(used)}: the provider is listed "
+               "by onnxruntime but its libraries did not load")
+        if strict:
+            raise ProviderFallback(msg)
+        log.warning(msg)
     return sess
 
 
@@ -76,3 +93,56 @@ def ort_dtype(type_str: str) -> np.dtype:
     if name not in table:
         raise BnfoldError(f"input type {type_str} is not supported")
     return np.dtype(table[name])
+
+
+def resolve_input_shapes(inputs, shapes: list, batch: int) -> list[tuple]:
+    """Concrete shape of each session input (``session.get_inputs()``): from ``shapes`` (InputSpec, by name or
+    position), else the graph's static dims, with a symbolic first (batch) dimension set to ``batch``. Any other
+    dynamic dimension needs an explicit shape."""
+    named = {s.name: s.shape for s in shapes if s.name}
+    positional = [s.shape for s in shapes if not s.name]
+    out = []
+    for i, inp in enumerate(inputs):
+        if inp.name in named:
+            out.append(tuple(named[inp.name]))
+            continue
+        if i < len(positional):
+            out.append(tuple(positional[i]))
+            continue
+        dims = list(inp.shape)
+        for k, d in enumerate(dims):
+            if not isinstance(d, int) or d <= 0:
+                if k == 0:
+                    dims[k] = batch
+                else:
+                    hint = "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in inp.shape)
+                    raise BnfoldError(f"input '{inp.name}' has dynamic dimension {k} ({d!r}): pass "
+                                      f"--input-shape {inp.name}={hint} with N filled in")
+        out.append(tuple(dims))
+    return out
+
+
+_WORKS: dict[str, bool] = {}
+
+
+def provider_works(ep: str) -> bool:
+    """Whether ``ep`` really runs a session here (not just listed by ``get_available_providers()``)."""
+    if ep not in _WORKS:
+        if PRIMARY.get(ep) not in ort.get_available_providers():
+            _WORKS[ep] = False
+        else:
+            g = onnx.helper.make_graph(
+                [onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+            m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+            m.ir_version = 8
+            try:
+                so = ort.SessionOptions()
+                so.log_severity_level = 4
+                with contextlib.redirect_stdout(io.StringIO()):
+                    sess = ort.InferenceSession(m.SerializeToString(), so, providers=EPS[ep])
+                _WORKS[ep] = sess.get_providers()[0] == PRIMARY[ep]
+            except Exception:
+                _WORKS[ep] = False
+    return _WORKS[ep]

@@ -411,3 +411,15 @@ def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs):
 def count_foldable_bn(model: nn.Module) -> int:
     """BatchNorm modules still in ``model`` (plain, frozen or subclasses)."""
     return sum(is_batchnorm(m) for m in model.modules())
+
+
+def strip_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm replaced by ``nn.Identity``: the same architecture without BN,
+    the latency floor no fold can beat (its outputs differ from the model's, of course)."""
+    model = copy.deepcopy(model)
+    for name in [n for n, m in model.named_modules() if n and is_batchnorm(m)]:
+        try:
+            _replace_with_identity(model, name)
+        except AttributeError:  # already replaced with its parent
+            pass
+    return model

@@ -35,7 +35,7 @@ import onnx
 
 from bnfold.data import Dataset, fit_to_shape
 from bnfold.errors import BnfoldError
-from bnfold.runtime import make_session, ort_dtype
+from bnfold.runtime import make_session, ort_dtype, resolve_input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -163,31 +163,6 @@ class _TorchRunner:
                 for o in out]
 
 
-def _input_shapes(cand: _OnnxRunner, shapes: list, batch: int) -> list[tuple]:
-    """Concrete shape of each candidate input: from --input-shape, else the graph's static dims, with a
-    symbolic first (batch) dimension set to ``batch``."""
-    named = {s.name: s.shape for s in shapes if s.name}
-    positional = [s.shape for s in shapes if not s.name]
-    out = []
-    for i, inp in enumerate(cand.inputs):
-        if inp.name in named:
-            out.append(tuple(named[inp.name]))
-            continue
-        if i < len(positional):
-            out.append(tuple(positional[i]))
-            continue
-        dims = list(inp.shape)
-        for k, d in enumerate(dims):
-            if not isinstance(d, int) or d <= 0:
-                if k == 0:
-                    dims[k] = batch
-                else:
-                    raise BnfoldError(f"input '{inp.name}' has dynamic dimension {k} ({d!r}): pass "
-                                      f"--input-shape {inp.name}=" + "x".join(str(x if isinstance(x, int) and x > 0 else 'N') for x in inp.shape))
-        out.append(tuple(dims))
-    return out
-
-
 def _random_feeds(cand: _OnnxRunner, shapes: list[tuple], seed: int) -> dict:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -241,7 +216,7 @@ def verify(reference, candidate, *, input_shapes: list | None = None, data: Data
         if ref_names != [i.name for i in cand.inputs]:
             raise BnfoldError(f"reference inputs {ref_names} differ from candidate inputs "
                               f"{[i.name for i in cand.inputs]}: are these the same model?")
-    shapes = _input_shapes(cand, input_shapes or [], batch)
+    shapes = resolve_input_shapes(cand.inputs, input_shapes or [], batch)
     if data is None:
         batches = [(_random_feeds(cand, shapes, seed), None)]
         source = f"random, seed {seed}"

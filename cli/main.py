@@ -246,5 +246,120 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
     sys.exit(EXIT_OK if result.passed else EXIT_FAILED)
 
 
+def _csv(kind: str, allowed: tuple | None = None, cast=str):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter(f"empty {kind} list")
+        try:
+            items = [cast(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not a comma-separated list of {kind}") from None
+        if allowed:
+            bad = [v for v in items if v not in allowed]
+            if bad:
+                raise click.BadParameter(f"unknown {kind} {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ep", "eps", default="cpu", show_default=True, callback=_csv("provider", ("cpu", "cuda", "tensorrt")),
+              help="Comma-separated execution providers (ORT) or devices (torch: cpu, cuda).")
+@click.option("--opt-level", "opt_levels", default="all", show_default=True,
+              callback=_csv("level", ("off", "basic", "extended", "all")),
+              help="Comma-separated ORT graph optimization levels. ORT folds Conv+BN itself from 'basic' on.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int),
+              help="Comma-separated batch sizes.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model before timing.")
+@click.option("--iters", type=int, default=100, show_default=True, help="Timed rounds (each model once per round).")
+@click.option("--duration", type=float, default=None, help="Time for this many seconds per setting instead of --iters.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
+@click.option("--io-binding/--no-io-binding", default=None,
+              help="Bind inputs/outputs on the device (default: on for GPU providers).")
+@click.option("--cuda-graph", is_flag=True, help="Capture the model in a CUDA graph (CUDA provider, IO binding).")
+@click.option("--runtime", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
+              help="ONNX Runtime on .onnx files, or PyTorch on specs (SPEC, SPEC@folded, SPEC@nobn).")
+@click.option("--compile", "compile_mode", default=None, metavar="MODE",
+              help="torch runtime: torch.compile the modules (MODE: default, reduce-overhead, max-autotune).")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
+              help="Shape of each input when it has dynamic dimensions besides the batch.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
+@json_option
+@common_options
+def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io_binding, cuda_graph, runtime,
+          compile_mode, input_shape, plot_path, json_mode):
+    """Time MODELS interleaved (A B A B ...) on each provider / optimization level / batch, with p50/p90/p99,
+    bootstrap 95% intervals and the ratio of every model to the first.
+
+    \b
+    Examples:
+      bnfold bench original.onnx folded.onnx --opt-level off,basic,all --batch 1,8
+      bnfold bench original.onnx folded.onnx --ep cpu,cuda --json > latency.json
+      bnfold bench small_resnet small_resnet@folded small_resnet@nobn --runtime torch --plot torch.png
+    """
+    from rich.progress import Progress
+
+    from bnfold.bench import bench as run_bench
+    from bnfold.bench import plot
+    from bnfold.torch_io import parse_input_shape
+
+    shapes = [parse_input_shape(s) for s in input_shape]
+    if runtime == "ort":
+        for m in models:
+            if not Path(m).is_file():
+                raise BnfoldError(f"{m}: no such .onnx file (use --runtime torch for PyTorch specs)")
+        targets = list(models)
+    else:
+        targets = [_torch_variant(m, shapes) for m in models]
+    con = out_console(json_mode)
+    quiet = click.get_current_context().meta.get("quiet")
+    with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
+        task = progress.add_task("benchmarking", total=None)
+
+        def report(k, n, s):
+            progress.update(task, total=n, completed=k, description=f"{s.ep} opt {s.opt_level} batch {s.batch}")
+        run = run_bench(targets, eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters,
+                        duration_s=duration, threads=threads, io_binding=io_binding, cuda_graph=cuda_graph,
+                        input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, progress=report)
+    if plot_path is not None:
+        plot(run, plot_path)
+    if json_mode:
+        click.echo(json.dumps(run.to_dict(), indent=2))
+    else:
+        from .render import bench_table
+        con.print(bench_table(run))
+    for s in run.skipped:
+        con.print(f"[yellow]skipped[/] {s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
+    last = [r for r in run.results if r.ratio is not None and r is not run.results[0]]
+    summary = f"{len(run.results)} measurement(s), {len(run.skipped)} skipped"
+    if last:
+        worst = max(last, key=lambda r: r.ratio)
+        summary += f"; largest ratio to the first model {worst.ratio:.3f} ({worst.model}, {worst.ep} opt {worst.opt_level} batch {worst.batch})"
+    con.print(f"DONE | {summary}", soft_wrap=True, markup=False)
+    sys.exit(EXIT_OK)
+
+
+def _torch_variant(spec: str, shapes):
+    """SPEC, SPEC@folded (BN folded at module level) or SPEC@nobn (BN replaced by Identity: the floor)."""
+    from bnfold.torch_fold import fold_module, strip_batchnorm
+    from bnfold.torch_io import build_model, example_inputs
+
+    base, _, variant = spec.partition("@")
+    if variant not in ("", "folded", "nobn"):
+        raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
+    model, default_shape = build_model(base)
+    model.eval()
+    inputs = example_inputs(shapes, default_shape)
+    if variant == "folded":
+        model = fold_module(model, inputs).module
+    elif variant == "nobn":
+        model = strip_batchnorm(model)
+    return spec, model, tuple(inputs[0].shape)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -36,3 +36,21 @@ def verify_table(result) -> Table:
         table.add_row(name, f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.p99_abs:.2e}", f"{s.max_rel:.2e}",
                       f"{s.cosine:.6f}", f"{s.atol:.0e}", f"{s.rtol:.0e}", style=None if s.passed else "red")
     return table
+
+
+def bench_table(run) -> Table:
+    """Latency per model and setting, with the ratio to the first model."""
+    table = Table(title="latency (ms)", title_justify="left")
+    for col in ("model", "ep", "opt", "batch", "p50", "95% CI", "p90", "p99", "mean", "ratio (95% CI)"):
+        table.add_column(col, justify="left" if col in ("model", "ep", "opt") else "right", overflow="fold")
+    for r in run.results:
+        ratio = "" if r.ratio is None else f"{r.ratio:.3f} [{r.ratio_ci95[0]:.3f}, {r.ratio_ci95[1]:.3f}]"
+        table.add_row(r.model, r.ep, r.opt_level, str(r.batch), f"{r.p50_ms:.3f}",
+                      f"{r.ci95_ms[0]:.3f}-{r.ci95_ms[1]:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
+                      f"{r.mean_ms:.3f}", ratio)
+    env = run.env
+    table.caption = (f"{env.get('cpu')} ({env.get('cpu_count')} cores)" + (f", {env['gpu']}" if env.get("gpu") else "")
+                     + f"; ORT {env.get('onnxruntime')}; warmup {run.config['warmup']}, "
+                     f"{'duration ' + str(run.config['duration_s']) + ' s' if run.config['duration_s'] else str(run.config['iters']) + ' rounds'}"
+                     f", threads {run.config['threads'] or 'default'}")
+    return table
