@@ -23,8 +23,21 @@ DEFAULT_OPSET = 18
 
 def export_onnx(model: torch.nn.Module, example_inputs: tuple, *, opset: int | None = None,
                 dynamic_batch: bool = True, input_names: list[str] | None = None,
-                output_names: list[str] | None = None) -> onnx.ModelProto:
-    """Export ``model`` (in eval mode) to an ONNX ModelProto, keeping BatchNormalization nodes."""
+                output_names: list[str] | None = None, materialize: bool = True) -> onnx.ModelProto:
+    """Export ``model`` (in eval mode) to an ONNX ModelProto, keeping BatchNormalization nodes.
+
+    With ``materialize`` (default) conv/linear weights and biases the exporter computes in-graph from constants
+    become initializers (all-zero biases dropped; see :func:`bnfold.onnx_fold.materialize_params`), so that a
+    runtime sees the original model's constants as plainly as the folded model's."""
+    proto = _export(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, input_names=input_names,
+                    output_names=output_names)
+    if materialize:
+        from bnfold.onnx_fold import materialize_params
+        proto, _ = materialize_params(proto)
+    return proto
+
+
+def _export(model, example_inputs, *, opset, dynamic_batch, input_names, output_names) -> onnx.ModelProto:
     if model.training:
         raise BnfoldError("the model is in training mode: call model.eval() before exporting")
     example_inputs = tuple(example_inputs)

@@ -691,6 +691,7 @@ class _Folder:
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
         out = gs.export_onnx(self.root, do_type_check=False)
         src = self.model
+        _copy_node_metadata(src, out)
         out.ir_version = src.ir_version
         del out.opset_import[:]
         out.opset_import.extend(src.opset_import)
@@ -711,6 +712,38 @@ class _Folder:
             del out.graph.input[:]
             out.graph.input.extend(new_inputs)
         return out
+
+
+def _walk_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.HasField("g"):
+                yield from _walk_nodes(a.g)
+            for g in a.graphs:
+                yield from _walk_nodes(g)
+
+
+def _copy_node_metadata(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon drops nodes' metadata_props (where exporters record source layers): copy them back,
+    matching nodes by name, else by first output."""
+    by_name, by_output = {}, {}
+    for n in _walk_nodes(src.graph):
+        if n.metadata_props:
+            if n.name:
+                by_name[n.name] = n.metadata_props
+            if n.output:
+                by_output[n.output[0]] = n.metadata_props
+    if not by_name and not by_output:
+        return
+    for n in _walk_nodes(out.graph):
+        if n.metadata_props:
+            continue
+        props = by_name.get(n.name) if n.name else None
+        if props is None and n.output:
+            props = by_output.get(n.output[0])
+        if props is not None:
+            n.metadata_props.extend(props)
 
 
 def _index(items, item) -> int:
@@ -785,6 +818,33 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *,
                         for e in report.entries]}
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, separators=(",", ":")))
     return out, report
+
+
+def materialize_params(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace weights and biases of Conv/ConvTranspose/Gemm/MatMul that the graph computes from constants
+    (torch's dynamo exporter builds a zero bias for every bias-less conv at run time when ``optimize=False``)
+    with initializers, dropping all-zero conv biases. BatchNorms are left alone. Returns the new model and the
+    number of inputs rewritten. This gives runtimes the same constants for an original and its folded model,
+    so that their own Conv+BN fusion can apply and latency comparisons are fair."""
+    folder = _Folder(model, FoldOptions())
+    changed = 0
+    for graph in folder.graphs:
+        for node in list(graph.nodes):
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or (node.domain or "") not in ("", "ai.onnx"):
+                continue
+            for idx in range(1, min(len(node.inputs), 3)):
+                t = node.inputs[idx]
+                if isinstance(t, gs.Constant) or not t.name:
+                    continue
+                value = folder.const(t)
+                if value is None:
+                    continue
+                if idx == 2 and node.op in ("Conv", "ConvTranspose") and not np.any(np.asarray(value, np.float64)):
+                    node.inputs.pop()  # an all-zero bias is no bias
+                else:
+                    node.inputs[idx] = gs.Constant(folder.unique(f"{t.name}_const"), value)
+                changed += 1
+    return folder.export(), changed
 
 
 def inspect_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, name: str = "") -> FoldReport:

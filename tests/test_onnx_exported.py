@@ -39,8 +39,7 @@ def test_exported_network_folds(name):
     with torch.no_grad():
         ref64 = model.double()(x.double()).numpy()
     assert_close(out, ref64, what="folded (ORT, fp32) vs original (torch, fp64)")
-    if name != "conv3d":  # torch's exporter emits an invalid (M, 2) zero bias for bias-less Conv3d: ORT refuses it
-        assert_close(out, run_ort(exported, feeds)[0], what="folded vs unfolded export (ORT)")
+    assert_close(out, run_ort(exported, feeds)[0], what="folded vs unfolded export (ORT)")
     # dynamic batch survives folding
     x3 = np.random.default_rng(0).standard_normal((3,) + entry.input_shape[1:]).astype(np.float32)
     assert run_ort(folded, {exported.graph.input[0].name: x3})[0].shape[0] == 3
@@ -55,3 +54,19 @@ def test_report_names_torch_layers():
     assert pairs["layers.1.0.down.1"] == "layers.1.0.down.0"
     bn_paths = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert set(pairs) == bn_paths
+
+
+def test_raw_export_zero_bias_is_materialized():
+    """torch's dynamo exporter (optimize=False) computes a zero bias in-graph for every bias-less conv, an invalid
+    (M, 2) one for Conv3d; folding handles the raw export, and export_onnx materializes it (dropping zeros)."""
+    model = zoo.randomize_bn(zoo.create("conv3d")).eval()
+    x = torch.randn(2, 2, 8, 16, 16)
+    raw = export_onnx(model, (x,), materialize=False)
+    assert any(n.op_type == "Expand" for n in raw.graph.node)
+    clean = export_onnx(model, (x,))
+    assert not any(n.op_type in ("Expand", "CastLike") for n in clean.graph.node)
+    assert count_bn(clean) == count_bn(raw) == 2
+    folded_raw, report = fold_model(raw)
+    assert report.folded == 2
+    feeds = {clean.graph.input[0].name: x.numpy()}
+    assert_close(run_ort(folded_raw, feeds)[0], run_ort(clean, feeds)[0])
