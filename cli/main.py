@@ -343,6 +343,119 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
     sys.exit(EXIT_OK)
 
 
+@main.command("train")
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to write (.safetensors, or .pt/.pth weights-only).")
+@click.option("--data", default="digits", show_default=True, metavar="digits|FILE.npz|DIR",
+              help="Training data: the bundled digits, an .npz with x and y, or an image folder.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+              help="SGD with momentum 0.9, or Adam.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@json_option
+@common_options
+def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, device, json_mode):
+    """Train zoo model NAME, then set its BN statistics to Algorithm 2's population statistics.
+
+    NAME is a zoo model (see `bnfold.models.zoo.names()`); flat digits are upsampled for image models.
+
+    \b
+    Examples:
+      bnfold train mnist_mlp -o mnist_mlp.safetensors
+      bnfold train small_resnet --epochs 3 --lr 0.05 -o small_resnet.safetensors
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bnfold.models import zoo
+    from bnfold.train import save_checkpoint, train
+
+    try:
+        zoo.get(name)
+    except KeyError as exc:
+        raise BnfoldError(str(exc).strip("'\"")) from None
+    if output.suffix not in (".safetensors", ".pt", ".pth"):
+        raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
+    if not output.parent.exists():
+        raise BnfoldError(f"{output}: folder {output.parent} does not exist")
+    con = out_console(json_mode)
+    quiet = click.get_current_context().meta.get("quiet")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeRemainingColumn(), console=con, disable=bool(quiet)) as progress:
+        task = progress.add_task(f"training {name}", total=None)
+
+        def on_step(k, total):
+            progress.update(task, completed=k, total=total)
+
+        def on_epoch(m):
+            progress.console.print(f"epoch {m.epoch}: loss {m.loss:.4f}, train acc {100 * m.train_accuracy:.2f}%, "
+                                   f"test acc {100 * m.test_accuracy:.2f}%")
+        result = train(name, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                       optimizer=optimizer, on_epoch=on_epoch, on_step=on_step)
+    save_checkpoint(result.model, output, result.config)
+    if json_mode:
+        click.echo(json.dumps(result.config, indent=2))
+    cal = result.calibration.summary()
+    con.print(f"TRAINED | {name}: test accuracy {100 * result.test_accuracy:.2f}% with Algorithm 2 statistics "
+              f"({cal['batches']} batches, {cal['samples']} samples) -> {output}", soft_wrap=True, markup=False)
+    sys.exit(EXIT_OK)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to write with the new statistics (.safetensors or .pt/.pth).")
+@click.option("--data", required=True, metavar="digits|FILE.npz|DIR", help="Calibration (training) data.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Mini-batch size (Algorithm 2's m).")
+@click.option("--max-batches", type=int, default=None, help="Use at most this many batches.")
+@click.option("--pooled", is_flag=True, help="Exact pooled variance of all values instead of Algorithm 2.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="State dict for MODEL (.pt/.pth weights-only, or .safetensors).")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224", help="Model input shape.")
+@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@json_option
+@common_options
+def calibrate(model, output, data, batch_size, max_batches, pooled, weights, input_shape, trust_pickle, json_mode):
+    """Recompute every BN's population statistics of MODEL over --data (Algorithm 2), write a checkpoint.
+
+    BNs normalise with their mini-batch statistics, as in training; every other layer is in eval mode
+    (dropout off). Under torchrun the sums are all-reduced across processes.
+
+    \b
+    Examples:
+      bnfold calibrate small_resnet --weights trained.safetensors --data digits -o calibrated.safetensors
+      bnfold calibrate mypkg.nets:build --weights w.pt --data train.npz --input-shape 1x3x64x64 -o cal.pt
+    """
+    from bnfold.calibrate import population_statistics
+    from bnfold.data import load_dataset
+    from bnfold.train import batches, prepare, read_checkpoint_config, save_checkpoint
+
+    if output.suffix not in (".safetensors", ".pt", ".pth"):
+        raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
+    torch_model, inputs, _ = _load_torch(model, weights, input_shape, trust_pickle)
+    shape = tuple(inputs[0].shape)
+    dataset = load_dataset(data, image_size=shape[2:4] if len(shape) == 4 else None,
+                           channels=shape[1] if len(shape) == 4 else 3)
+    if dataset.labels is None:
+        import numpy as np
+        dataset.labels = np.zeros(len(dataset), np.int64)
+    x, _ = prepare(dataset, shape)
+    result = population_statistics(torch_model, (x[b] for b in batches(x, batch_size)), max_batches=max_batches,
+                                   pooled=pooled)
+    config = (read_checkpoint_config(weights) if weights else None) or {"model": model}
+    config["calibration"] = {**result.summary(), "data": dataset.name, "batch_size": batch_size}
+    save_checkpoint(torch_model, output, config)
+    if json_mode:
+        click.echo(json.dumps(config["calibration"], indent=2))
+    out_console(json_mode).print(
+        f"CALIBRATED | {len(result.stats)} BatchNorm, {result.method}, {result.batches} batches of up to "
+        f"{batch_size} ({result.samples} samples) -> {output}", soft_wrap=True, markup=False)
+    sys.exit(EXIT_OK)
+
+
 def _torch_variant(spec: str, shapes):
     """SPEC, SPEC@folded (BN folded at module level) or SPEC@nobn (BN replaced by Identity: the floor)."""
     from bnfold.torch_fold import fold_module, strip_batchnorm

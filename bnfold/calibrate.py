@@ -1,0 +1,197 @@
+"""Population statistics for BatchNorm, exactly as the paper's Algorithm 2.
+
+After training, each BN's inference statistics are computed over training mini-batches from the inputs that BN
+sees *in the training network*: every BN normalises with its own mini-batch statistics (as during training),
+while every other layer is in eval mode (dropout off). For batch ``b`` with ``m_b`` values per channel
+(N*H*W for a conv, N for a linear layer), mini-batch mean ``mu_b`` and biased variance ``s2_b``:
+
+    E[x]   = sum_b m_b mu_b / sum_b m_b
+    Var[x] = sum_b m_b * (m_b / (m_b - 1)) * s2_b / sum_b m_b
+
+With equal batches this is Algorithm 2 exactly (the mean of the mini-batch means, and m/(m-1) times the mean of
+the mini-batch variances); a final smaller batch is weighted by its size instead of counting as much as a full
+one. ``pooled=True`` gives instead the exact variance of all values pooled together, unbiased:
+``(sum x^2 - M E[x]^2) / (M - 1)`` with ``M = sum_b m_b``.
+
+Sums and counts are kept in float64. Under ``torch.distributed`` they are all-reduced (SUM), so N processes on a
+partition of the batches give the result of one process on all of them (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bnfold.errors import BnfoldError
+
+log = logging.getLogger(__name__)
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass
+class _Acc:
+    s1: torch.Tensor  # sum_b m_b mu_b
+    sv: torch.Tensor  # sum_b m_b^2/(m_b-1) s2_b
+    s2: torch.Tensor  # sum of x^2
+    m: torch.Tensor  # sum_b m_b (scalar, float64)
+    batches: int = 0
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration computed, and the statistics it replaced (``restore`` puts them back)."""
+
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    original: dict[str, dict[str, torch.Tensor | None]]
+    batches: int
+    samples: int
+    method: str
+    skipped_batches: int = 0
+    world_size: int = 1
+    per_bn_values: dict[str, int] = field(default_factory=dict)
+
+    def restore(self, model: nn.Module) -> None:
+        """Put back the running statistics the model had before calibration."""
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, saved in self.original.items():
+                m = modules[name]
+                for k, v in saved.items():
+                    if v is not None and getattr(m, k, None) is not None:
+                        getattr(m, k).copy_(v)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "batches": self.batches, "samples": self.samples,
+                "skipped_batches": self.skipped_batches, "world_size": self.world_size, "bn": len(self.stats)}
+
+
+def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if type(m) in _BN_TYPES or
+            (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)}
+
+
+def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: int | None = None,
+                          pooled: bool = False, device: str | torch.device | None = None,
+                          distributed: bool | None = None, apply: bool = True) -> CalibrationResult:
+    """Compute (and with ``apply``, install) every BatchNorm's population statistics over ``batches``.
+
+    ``batches`` yields input tensors, or tuples/lists whose first element is the input (labels are ignored).
+    ``max_batches`` caps the number of batches. ``distributed`` (default: when torch.distributed is initialized)
+    all-reduces the sums. The model's training flags are restored afterwards; the original statistics are kept in
+    the result for :meth:`CalibrationResult.restore`.
+    """
+    bns = batchnorms(model)
+    if not bns:
+        raise BnfoldError("the model has no BatchNorm with running statistics to calibrate")
+    for name, m in bns.items():
+        if m.running_mean is None:
+            raise BnfoldError(f"BatchNorm '{name}' keeps no running statistics (track_running_stats=False)")
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    original = {n: {"running_mean": m.running_mean.detach().clone(), "running_var": m.running_var.detach().clone(),
+                    "num_batches_tracked": None if m.num_batches_tracked is None else m.num_batches_tracked.clone()}
+                for n, m in bns.items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    accs: dict[str, _Acc] = {}
+    current: dict[str, tuple] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            xd = x.double()
+            mu = xd.mean(dim=dims)
+            var = xd.var(dim=dims, unbiased=False)
+            sq = (xd * xd).sum(dim=dims)
+            count = x.numel() // x.shape[1]
+            current[name] = (mu, var, sq, count)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns.items()]
+    model.eval()
+    for m in bns.values():
+        m.train()  # normalise with mini-batch statistics, as in the training network
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    n_batches = samples = skipped = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x.to(dev)
+                current.clear()
+                try:
+                    model(x)
+                except ValueError as exc:
+                    if "Expected more than 1 value per channel" in str(exc):
+                        skipped += 1  # a batch with one value per channel has no variance: skip it
+                        log.info("skipping a batch of %d: %s", len(x), exc)
+                        continue
+                    raise
+                for name, (mu, var, sq, count) in current.items():
+                    if count < 2:
+                        continue
+                    acc = accs.get(name)
+                    if acc is None:
+                        z = torch.zeros_like(mu)
+                        acc = accs[name] = _Acc(z.clone(), z.clone(), z.clone(), torch.zeros((), dtype=torch.float64, device=mu.device))
+                    acc.s1 += count * mu
+                    acc.sv += count * (count / (count - 1)) * var
+                    acc.s2 += sq
+                    acc.m += count
+                    acc.batches += 1
+                n_batches += 1
+                samples += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in model.named_modules():
+            m.training = modes[n]
+    world = 1
+    if distributed:
+        world = torch.distributed.get_world_size()
+        for name in sorted(bns):
+            acc = accs.get(name)
+            if acc is None:
+                raise BnfoldError(f"BatchNorm '{name}' saw no batch on rank {torch.distributed.get_rank()}")
+            packed = torch.cat([acc.s1, acc.sv, acc.s2, acc.m.reshape(1)])
+            backend = torch.distributed.get_backend()
+            if backend == "nccl" and packed.device.type != "cuda":
+                packed = packed.cuda()
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            packed = packed.to(acc.s1.device)
+            c = acc.s1.numel()
+            acc.s1, acc.sv, acc.s2, acc.m = packed[:c], packed[c:2 * c], packed[2 * c:3 * c], packed[3 * c]
+        totals = torch.tensor([n_batches, samples, skipped], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        n_batches, samples, skipped = (int(v) for v in totals.tolist())
+    missing = [n for n in bns if n not in accs]
+    if missing:
+        raise BnfoldError(f"BatchNorm '{missing[0]}' saw no usable batch during calibration (is it called in "
+                          "forward? are the batches larger than 1?)")
+    stats = {}
+    for name, acc in accs.items():
+        mean = acc.s1 / acc.m
+        if pooled:
+            var = (acc.s2 - acc.m * mean * mean) / (acc.m - 1)
+        else:
+            var = acc.sv / acc.m
+        stats[name] = (mean, var.clamp_min(0))
+    result = CalibrationResult(stats=stats, original=original, batches=n_batches, samples=samples,
+                               method="pooled" if pooled else "algorithm2", skipped_batches=skipped,
+                               world_size=world, per_bn_values={n: int(a.m.item()) for n, a in accs.items()})
+    if apply:
+        with torch.no_grad():
+            for name, (mean, var) in stats.items():
+                m = bns[name]
+                m.running_mean.copy_(mean.to(m.running_mean.dtype))
+                m.running_var.copy_(var.to(m.running_var.dtype))
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.fill_(n_batches)
+    return result
