@@ -61,6 +61,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, ep: str = "cpu",
     providers = EPS[ep]
     if provider_options:
         providers = [(p, provider_options.get(p, {})) for p in providers]
+    if ep != "cpu" and not provider_works(ep):
+        msg = (f"asked for {ep} ({PRIMARY[ep]}) but it cannot run here: the provider is listed by onnxruntime "
+               "but its libraries (CUDA/cuDNN/TensorRT) did not load")
+        if strict:
+            raise ProviderFallback(msg)
+        log.warning(msg)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     chatter = io.StringIO()
     try:
@@ -137,6 +143,7 @@ def provider_works(ep: str) -> bool:
                 [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
             m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
             m.ir_version = 8
+            ort.set_default_logger_severity(4)  # a failing provider library logs errors natively: it is a probe
             try:
                 so = ort.SessionOptions()
                 so.log_severity_level = 4
@@ -145,4 +152,6 @@ def provider_works(ep: str) -> bool:
                 _WORKS[ep] = sess.get_providers()[0] == PRIMARY[ep]
             except Exception:
                 _WORKS[ep] = False
+            finally:
+                ort.set_default_logger_severity(3)
     return _WORKS[ep]

@@ -456,6 +456,126 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
     sys.exit(EXIT_OK)
 
 
+def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
+              batches, threads, json_mode, extra=None):
+    from bnfold.pipeline import RunOptions, run_pipeline
+
+    con = out_console(json_mode)
+    quiet = click.get_current_context().meta.get("quiet")
+
+    def step(msg):
+        if not quiet:
+            con.print(f"[dim]- {msg}[/]")
+    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads)
+    report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
+                          calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
+    if json_mode:
+        click.echo(json.dumps(report, indent=2))
+    fold = report["fold"]
+    ratios = [r for r in report["bench"]["results"] if r["ratio"] is not None and r["ratio"] != 1.0]
+    gain = "; ".join(f"{r['ep']} opt {r['opt_level']} batch {r['batch']}: folded/original {r['ratio']:.3f}"
+                     for r in ratios)
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    ver = report["verify"]
+    worst = max(s["max_abs"] for s in ver["outputs"].values())
+    agree = f"max abs err {worst:.2g}"
+    if ver.get("accuracy"):
+        agree += f", accuracy {100 * ver['accuracy']['reference']:.2f}% -> {100 * ver['accuracy']['candidate']:.2f}%"
+    elif ver.get("top1_agreement") is not None:
+        agree += f", top-1 agreement {100 * ver['top1_agreement']:.2f}%"
+    con.print(f"{verdict} | {fold['folded']}/{fold['bn_total']} BatchNorm folded; {agree}; {gain} -> "
+              f"{outdir}/report.md", soft_wrap=True, markup=False)
+    sys.exit(EXIT_OK if report["passed"] else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for original.onnx, folded.onnx, report.json, report.md and latency.png.")
+@click.option("--data", metavar="digits|FILE.npz|DIR", help="Labelled data for verification and accuracy.")
+@click.option("--calibrate-data", metavar="digits|FILE.npz|DIR",
+              help="Recalibrate BN statistics (Algorithm 2) on this data before folding (PyTorch models).")
+@click.option("--ep", "eps", default="cpu", show_default=True, callback=_csv("provider", ("cpu", "cuda", "tensorrt")),
+              help="Comma-separated execution providers to verify and benchmark on.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int))
+@click.option("--iters", type=int, default=50, show_default=True, help="Benchmark rounds per setting.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
+@torch_model_options
+@json_option
+@common_options
+def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weights, input_shape, opset, trust_pickle,
+        json_mode):
+    """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
+
+    \b
+    Examples:
+      bnfold run small_resnet --weights trained.safetensors --data digits -o out/
+      bnfold run model.onnx -o out/ --ep cpu,cuda --batch 1,8
+    """
+    from bnfold.data import load_dataset
+    from bnfold.pipeline import digits_for
+
+    if _is_onnx(model):
+        from bnfold.onnx_io import load_model
+        if calibrate_data:
+            raise BnfoldError("--calibrate-data needs a PyTorch model: an ONNX graph cannot be recalibrated")
+        proto = load_model(model).model
+        dataset = _load_data(data, model) if data else None
+        _run_flow(proto, outdir, Path(model).name, data=dataset, eps=eps, iters=iters, batches=batches,
+                  threads=threads, json_mode=json_mode)
+    torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
+    shape = tuple(inputs[0].shape)
+    dataset = None
+    if data:
+        dataset = digits_for(shape) if data == "digits" else load_dataset(data, image_size=shape[2:4] if len(shape) == 4 else None)
+    cal = None
+    if calibrate_data:
+        from bnfold.train import batches as batch_iter
+        from bnfold.train import prepare
+        cds = load_dataset(calibrate_data, image_size=shape[2:4] if len(shape) == 4 else None)
+        if cds.labels is None:
+            import numpy as np
+            cds.labels = np.zeros(len(cds), np.int64)
+        cx, _ = prepare(cds, shape)
+        cal = (cx[b] for b in batch_iter(cx, 64))
+    _run_flow(torch_model, outdir, model, inputs=inputs, names=names, data=dataset, calibrate_batches=cal, eps=eps,
+              iters=iters, batches=batches, threads=threads, json_mode=json_mode)
+
+
+@main.command()
+@click.option("-o", "--outdir", default="bnfold-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the demo's files.")
+@click.option("--model", "name", default="small_resnet", show_default=True, help="Zoo model to train.")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@json_option
+@common_options
+def demo(outdir, name, epochs, json_mode):
+    """The whole flow on the embedded default: a zoo CNN trained on the bundled digits (Algorithm 2 statistics),
+    folded, exported, verified (accuracy before/after) and benchmarked (CPU, and CUDA when a GPU is present).
+
+    \b
+    Example:
+      bnfold demo -o demo/
+    """
+    import torch
+
+    from bnfold.models import zoo
+    from bnfold.pipeline import digits_for
+    from bnfold.runtime import provider_works
+    from bnfold.train import train
+
+    con = out_console(json_mode)
+    quiet = click.get_current_context().meta.get("quiet")
+    if not quiet:
+        con.print(f"[dim]- training {name} on the bundled digits ({epochs} epochs)[/]")
+    result = train(name, "digits", epochs=epochs, lr=0.05, device="cpu")
+    shape = zoo.get(name).input_shape
+    eps = ["cpu"] + (["cuda"] if provider_works("cuda") else [])
+    _run_flow(result.model, outdir, f"{name} (demo, trained on digits)", inputs=(torch.zeros(shape),),
+              data=digits_for(shape), eps=eps, iters=200, batches=[1], threads=None, json_mode=json_mode,
+              extra={"training": result.config})
+
+
 def _torch_variant(spec: str, shapes):
     """SPEC, SPEC@folded (BN folded at module level) or SPEC@nobn (BN replaced by Identity: the floor)."""
     from bnfold.torch_fold import fold_module, strip_batchnorm
