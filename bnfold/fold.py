@@ -56,6 +56,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
         _verify_or_raise(loaded.model, folded, report, verify)
     external = loaded.external_data
     del loaded  # the original is no longer needed: free it before serializing the result
+    _release_memory()
     warnings: list[str] = []
     validate = folded_checker(src_p, str(src_p), warnings) if check else None
     save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
@@ -136,3 +137,15 @@ def _verify_or_raise(reference, folded, report: FoldReport, verify) -> None:
     report.extra["verify_verdict"] = result.verdict()
     if not result.passed:
         raise VerificationFailed(result)
+
+
+def _release_memory() -> None:
+    """Collect the fold's reference cycles (graphsurgeon graphs) and hand freed memory back to the system, so
+    that serializing the result does not stack on top of what the fold used."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from bnfold import formula
 from bnfold._version import __version__
@@ -135,13 +136,14 @@ class _Folder:
         if key in self._const_cache:
             return self._const_cache[key]
         value = self._const_uncached(t, depth)
-        self._const_cache[key] = value
+        if not isinstance(t, gs.Constant):  # stored constants are cheap to re-read; computed ones are cached
+            self._const_cache[key] = value
         return value
 
     def _const_uncached(self, t: gs.Tensor, depth: int) -> np.ndarray | None:
         if isinstance(t, gs.Constant):
             lazy = t._values
-            if isinstance(lazy, gs.importers.onnx_importer.LazyValues):
+            if isinstance(lazy, LazyValues):
                 return numpy_helper.to_array(lazy.tensor)  # bf16 comes back as ml_dtypes.bfloat16
             return np.asarray(t.values)
         if len(t.inputs) != 1 or depth > _MAX_EVAL_DEPTH:
@@ -187,7 +189,7 @@ class _Folder:
             v = a["value"]
             if isinstance(v, gs.Constant):
                 lazy = v._values
-                if isinstance(lazy, gs.importers.onnx_importer.LazyValues):
+                if isinstance(lazy, LazyValues):
                     return numpy_helper.to_array(lazy.tensor)
                 return np.asarray(v.values)
             return None
@@ -219,14 +221,16 @@ class _Folder:
 
     def set_input(self, node: gs.Node, idx: int, values: np.ndarray, base: str) -> None:
         """Give ``node`` input ``idx`` the constant ``values``: rewrite the existing constant in place when only
-        this node uses it; otherwise add a private copy, so other users keep the original."""
+        this node uses it; otherwise add a private copy, so other users keep the original.
+
+        The new values stay numpy arrays until :meth:`export` writes them straight into the output model."""
         old = node.inputs[idx] if idx < len(node.inputs) else None
         if isinstance(old, gs.Constant) and old.name and self.uses(old) == 1:
-            old.values = values
-            self._const_cache[id(old)] = values
+            old.values = np.asarray(values)
+            self._const_cache.pop(id(old), None)
             return
         name = self.unique(f"{old.name if old is not None and old.name else base}_bnfold")
-        c = gs.Constant(name, values)
+        c = gs.Constant(name, np.asarray(values))
         if old is None:
             while len(node.inputs) < idx:
                 node.inputs.append(gs.Variable.empty())
@@ -689,7 +693,35 @@ class _Folder:
     def export(self) -> onnx.ModelProto:
         for graph in self.graphs:
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        # Large constants go through onnx-graphsurgeon as data-less stubs and are written into the output once,
+        # tensor by tensor (a new weight's array is freed as soon as it is written): the fold holds the source
+        # model plus about one copy of the weights, instead of three.
+        payload: dict[str, object] = {}
+        for graph in self.graphs:
+            for t in graph.tensors().values():
+                if isinstance(t, gs.Constant) and t.name and t.name not in payload:
+                    stub = _stub(t)
+                    if stub is not None:
+                        payload[t.name] = t._values.tensor if isinstance(t._values, LazyValues) else t._values
+                        t._values = LazyValues(stub)
         out = gs.export_onnx(self.root, do_type_check=False)
+        remaining: dict[str, int] = {}
+        for graph_proto in _walk_graphs(out.graph):
+            for init in graph_proto.initializer:
+                remaining[init.name] = remaining.get(init.name, 0) + 1
+        for graph_proto in _walk_graphs(out.graph):
+            for init in graph_proto.initializer:
+                data = payload.get(init.name)
+                if data is None:
+                    continue
+                remaining[init.name] -= 1
+                if remaining[init.name] == 0:
+                    del payload[init.name]  # the last copy: free a new weight's array right away
+                if isinstance(data, onnx.TensorProto):
+                    init.CopyFrom(data)
+                else:
+                    init.raw_data = np.ascontiguousarray(data).tobytes()
+                del data
         src = self.model
         _copy_node_metadata(src, out)
         out.ir_version = src.ir_version
@@ -712,6 +744,46 @@ class _Folder:
             del out.graph.input[:]
             out.graph.input.extend(new_inputs)
         return out
+
+
+_STUB_MIN_BYTES = 1024
+
+
+def _stub(t: gs.Constant) -> onnx.TensorProto | None:
+    """A data-less TensorProto with ``t``'s name, dims and dtype, for a constant worth not copying."""
+    v = t._values
+    if isinstance(v, LazyValues):
+        src = v.tensor
+        if not isinstance(src, onnx.TensorProto) or src.data_location == onnx.TensorProto.EXTERNAL \
+                or len(src.raw_data) < _STUB_MIN_BYTES:
+            return None
+        return _empty_tensor(t.name, src.data_type, list(src.dims))
+    arr = np.asarray(v)
+    if arr.nbytes < _STUB_MIN_BYTES or arr.dtype.byteorder == ">":
+        return None
+    try:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return _empty_tensor(t.name, dtype, list(arr.shape))
+
+
+def _empty_tensor(name: str, data_type: int, dims: list[int]) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = data_type
+    t.dims.extend(dims)
+    return t
+
+
+def _walk_graphs(graph: onnx.GraphProto):
+    yield graph
+    for n in graph.node:
+        for a in n.attribute:
+            if a.HasField("g"):
+                yield from _walk_graphs(a.g)
+            for g in a.graphs:
+                yield from _walk_graphs(g)
 
 
 def _walk_nodes(graph: onnx.GraphProto):
@@ -797,7 +869,8 @@ def _evaluate(node: gs.Node, inputs: list, opset: int) -> list:
 def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *,
                dry_run: bool = False, name: str = "") -> tuple[onnx.ModelProto | None, FoldReport]:
     """Fold the BatchNorms of ``model``. Returns ``(folded_model, report)``; the folded model is None for a
-    dry run. ``model`` itself is never modified. Raises :class:`BnfoldError` on invalid statistics."""
+    dry run. ``model`` itself is never modified. Raises :class:`BnfoldError` on invalid statistics or a
+    malformed model."""
     options = options or FoldOptions()
     try:
         folder = _Folder(model, options)
