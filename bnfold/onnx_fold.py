@@ -749,6 +749,29 @@ class _Folder:
 _STUB_MIN_BYTES = 1024
 
 
+def _raise_if_malformed(model: onnx.ModelProto, name: str) -> None:
+    from bnfold.check import checker_error
+
+    err = checker_error(model)
+    if err is not None:
+        raise BnfoldError(f"{name or 'model'}: not a valid ONNX model ({err[:300]}); fix or re-export it")
+    for node in _walk_nodes(model.graph):  # nor check that string attributes are text
+        for a in node.attribute:
+            for raw in ([a.s] if a.type == onnx.AttributeProto.STRING else list(a.strings)):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BnfoldError(f"{name or 'model'}: attribute '{a.name}' of node '{node.name or node.op_type}' "
+                                      "is not valid UTF-8 text; the file is corrupted") from None
+    for graph in _walk_graphs(model.graph):  # the checker does not compare tensor data with its dims
+        for t in graph.initializer:
+            try:
+                numpy_helper.to_array(t)
+            except Exception as exc:
+                raise BnfoldError(f"{name or 'model'}: initializer '{t.name}' is corrupted ({str(exc)[:200]}); "
+                                  "fix or re-export the model") from None
+
+
 def _stub(t: gs.Constant) -> onnx.TensorProto | None:
     """A data-less TensorProto with ``t``'s name, dims and dtype, for a constant worth not copying."""
     v = t._values
@@ -877,12 +900,21 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *,
     except BnfoldError:
         raise
     except Exception as exc:
+        _raise_if_malformed(model, name)
         raise BnfoldError(f"{name or 'model'}: cannot read the graph ({type(exc).__name__}: {exc})") from None
-    folder.run()
-    report = FoldReport(entries=folder.entries, model=name, dry_run=dry_run)
-    if dry_run:
-        return None, report
-    out = folder.export()
+    try:
+        folder.run()
+        report = FoldReport(entries=folder.entries, model=name, dry_run=dry_run)
+        if dry_run:
+            return None, report
+        out = folder.export()
+    except BnfoldError:
+        raise
+    except Exception:
+        # A malformed model (which onnx.checker rejects) is bad input, reported as such; on a valid model an
+        # unexpected exception is a bug in bnfold and propagates.
+        _raise_if_malformed(model, name)
+        raise
     meta = {"version": __version__, "bn_total": report.bn_total, "folded": report.folded,
             "skipped": report.skipped, "affine_folded": report.affine_folded,
             "entries": [{k: v for k, v in (("bn", e.bn), ("status", e.status), ("into", e.into),

@@ -123,6 +123,7 @@ def validate_model(model: onnx.ModelProto, label: str = "model") -> None:
         raise BnfoldError(f"{label}: not an ONNX model (no IR version or no graph); is the file corrupted?")
     if len(model.graph.node) == 0:
         raise BnfoldError(f"{label}: the graph is empty (no nodes); nothing to fold")
+    _check_text_fields(model.graph, label)
     opset = default_opset(model)
     if opset is None:
         raise BnfoldError(f"{label}: the model imports no default-domain opset; re-export it with an opset >= {MIN_OPSET}")
@@ -132,6 +133,27 @@ def validate_model(model: onnx.ModelProto, label: str = "model") -> None:
             f"{label}: opset {opset} is not supported (supported: {MIN_OPSET}..{newest}); "
             f"convert it with onnx.version_converter or re-export with a supported opset"
         )
+
+
+def _check_text_fields(graph: onnx.GraphProto, label: str) -> None:
+    """Names must be text: protobuf hands invalid UTF-8 back as bytes, which no tool can handle."""
+    def bad(value) -> bool:
+        return isinstance(value, bytes)
+    for t in list(graph.initializer) + list(graph.input) + list(graph.output) + list(graph.value_info):
+        if bad(t.name):
+            raise BnfoldError(f"{label}: a tensor name is not valid UTF-8 ({t.name[:40]!r}); the file is corrupted")
+    for n in graph.node:
+        fields = [n.name, n.op_type, n.domain, *n.input, *n.output]
+        if any(bad(f) for f in fields):
+            raise BnfoldError(f"{label}: node {fields[0][:40]!r} has a name that is not valid UTF-8; "
+                              "the file is corrupted")
+        for a in n.attribute:
+            if bad(a.name):
+                raise BnfoldError(f"{label}: an attribute name is not valid UTF-8; the file is corrupted")
+            if a.HasField("g"):
+                _check_text_fields(a.g, label)
+            for g in a.graphs:
+                _check_text_fields(g, label)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
