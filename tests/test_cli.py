@@ -119,3 +119,17 @@ def test_entry_point_installed(model_path, tmp_path):
     assert json.loads(p.stdout)["folded"] == 1
     p = subprocess.run([exe, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_every_command_has_help_with_an_example():
+    for name, cmd in main.commands.items():
+        r = CliRunner().invoke(main, [name, "--help"])
+        assert r.exit_code == 0, name
+        assert "Example" in r.output, f"`bnfold {name} --help` shows no example"
+        assert "-q, --quiet" in r.output and "--debug" in r.output, name
+    assert {"inspect", "fold", "export", "verify", "bench", "train", "calibrate", "run", "demo"} <= set(main.commands)
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = CliRunner().invoke(main, ["fold", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "x.onnx"), "--debug"])
+    assert r.exit_code != 0 and r.exception is not None  # the exception propagates instead of a one-liner
