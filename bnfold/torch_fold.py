@@ -344,6 +344,14 @@ def _layer_checks(model, layer_call: _Call, by_fqn, role: str):
         raise _Skip("parameters_tied", f"the parameters of {fqn} are shared with {tied}")
 
 
+def _layer_arrays(model: nn.Module, fqn: str):
+    """The layer module and its weight and bias as float64 numpy arrays (bias None when absent)."""
+    layer = model.get_submodule(fqn)
+    w = layer.weight.detach().to("cpu", torch.float64).numpy()
+    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64).numpy()
+    return layer, w, b
+
+
 def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs):
     prod = producer_of.get(x)
     if prod is None or prod.kind not in ("conv", "conv_t", "linear"):
@@ -353,9 +361,7 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
         raise _Skip("producer_output_shared", f"the output of {prod.fqn} is also used by something besides the "
                     "BatchNorm: folding would change what it sees")
     _layer_checks(model, prod, by_fqn, "producer")
-    layer = model.get_submodule(prod.fqn)
-    w = layer.weight.detach().to("cpu", torch.float64).numpy()
-    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64).numpy()
+    layer, w, b = _layer_arrays(model, prod.fqn)
     if prod.kind == "linear":
         r = _rank(x)
         if r != 2:
@@ -385,9 +391,7 @@ def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs):
     if cons.kind not in ("conv", "linear") or cons.data_in != [y]:
         raise _Skip("no_foldable_neighbour", "its output does not go straight into a Conv/Linear")
     _layer_checks(model, cons, by_fqn, "consumer")
-    layer = model.get_submodule(cons.fqn)
-    w = layer.weight.detach().to("cpu", torch.float64).numpy()
-    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64).numpy()
+    layer, w, b = _layer_arrays(model, cons.fqn)
     if cons.kind == "linear":
         r = _rank(y)
         if r != 2:
