@@ -208,8 +208,12 @@ def _unlink(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _export_model(dst: Path) -> None:
-    """Build and export the benchmark model (runs in a subprocess so that torch stays out of the timings)."""
+def _export_model(dst: Path, variant: str = "raw") -> None:
+    """Build and export the benchmark model (runs in a subprocess so that torch stays out of the timings).
+
+    ``raw``: torch's dynamo export with ``optimize=False`` as is (every bias-less conv gets a zero bias the graph
+    computes at run time); ``clean``: the same with those computed constants materialized as initializers
+    (bnfold's default export), the form in which other tools' Conv+BN patterns can match."""
     import onnx  # noqa: I001  (ruff's view of bnfold.models as first- or third-party varies)
     import torch
 
@@ -218,29 +222,36 @@ def _export_model(dst: Path) -> None:
 
     torch.manual_seed(SEED)
     model = zoo.randomize_bn(zoo.create(MODEL_NAME), seed=SEED).eval()
-    proto = export_onnx(model, (torch.randn(*INPUT_SHAPE),))
+    proto = export_onnx(model, (torch.randn(*INPUT_SHAPE),), materialize=(variant == "clean"))
     onnx.save(proto, str(dst))
 
 
-def prepare_model(cache_dir: Path, work_dir: Path, refresh: bool) -> tuple[Path, dict]:
+def prepare_model(cache_dir: Path, work_dir: Path, refresh: bool, variant: str = "raw") -> tuple[Path, dict]:
     """The unfolded model, copied into ``work_dir``; exported once and cached in ``cache_dir``."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cached, meta_path = cache_dir / MODEL_FILE, cache_dir / (MODEL_FILE + ".json")
+    model_file = MODEL_FILE if variant == "raw" else MODEL_FILE.replace(".onnx", f"_{variant}.onnx")
+    cached, meta_path = cache_dir / model_file, cache_dir / (model_file + ".json")
     want = {"format": CACHE_FORMAT, "model": MODEL_NAME, "seed": SEED, "torch": _version("torch"),
-            "onnx": _version("onnx")}
+            "onnx": _version("onnx"), "variant": variant}
+    if variant == "raw" and meta_path.is_file():  # caches written before variants existed are raw exports
+        old = json.loads(meta_path.read_text())
+        if old.get("key", {}).get("variant") is None and {**old.get("key", {}), "variant": "raw"} == want:
+            old["key"]["variant"] = "raw"
+            meta_path.write_text(json.dumps(old, indent=2) + "\n")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if refresh or not cached.is_file() or meta is None or meta.get("key") != want:
         log(f"exporting {MODEL_NAME} with BatchNorm kept -> {cached} (cached for reruns)")
         t0 = time.perf_counter()
-        tmp = cache_dir / (MODEL_FILE + ".tmp")
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--export-to", str(tmp)], check=True)
+        tmp = cache_dir / (model_file + ".tmp")
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--export-to", str(tmp), "--variant", variant],
+                       check=True)
         os.replace(tmp, cached)
         meta = {"key": want, "export_s": round(time.perf_counter() - t0, 2),
                 "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     else:
         log(f"using cached export {cached}")
-    src = work_dir / MODEL_FILE
+    src = work_dir / model_file
     shutil.copyfile(cached, src)
     return src, meta
 
@@ -778,7 +789,10 @@ def write_markdown(res: dict, path: Path) -> None:
     lines.append(f"- bnfold at commit {s['git_commit']}"
                  f"{' (bnfold/ had uncommitted changes)' if s['bnfold_tree_dirty'] else ''}, "
                  f"source digest {s.get('bnfold_source_sha256_start')}")
-    lines.append(f"- Model: zoo `{MODEL_NAME}`, randomized BN statistics, dynamo export with `optimize=False`: "
+    variant = model.get("variant", "raw")
+    how = ("as is (every bias-less conv gets a zero bias the graph computes at run time)" if variant == "raw" else
+           "with those computed conv constants materialized as initializers (`bnfold export`'s default)")
+    lines.append(f"- Model: zoo `{MODEL_NAME}`, randomized BN statistics, dynamo export with `optimize=False` {how}: "
                  f"{model['size_bytes'] / 1e6:.1f} MB, {model['parameters'] / 1e6:.1f} M parameters, "
                  f"{model['nodes']} nodes, {model['bn_nodes']} BatchNormalization, opset {model['opset']}")
     lines.append(f"- Timing: whole file-to-file operation (load, process, save). Warm: {s['reps']} repetition(s) "
@@ -884,13 +898,16 @@ def main(argv: list[str] | None = None) -> int:
     # internal modes, used by the benchmark's own subprocesses
     ap.add_argument("--run-one", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     ap.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=("raw", "clean"), default="raw",
+                    help="raw: torch's optimize=False export as is; clean: computed conv constants materialized "
+                         "(results go to fold_speed_clean.*)")
     args = ap.parse_args(argv)
 
     if args.run_one:
         run_one(*args.run_one)
         return 0
     if args.export_to:
-        _export_model(args.export_to)
+        _export_model(args.export_to, args.variant)
         return 0
     if args.reps < 1:
         ap.error("--reps must be at least 1")
@@ -905,9 +922,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fold_speed.", dir=args.tmp_dir) as tmp:
         work = Path(tmp)
-        src, cache_meta = prepare_model(args.cache_dir, work, args.refresh_cache)
+        src, cache_meta = prepare_model(args.cache_dir, work, args.refresh_cache, args.variant)
         model = describe_model(src)
         model["export_s"] = cache_meta.get("export_s")
+        model["variant"] = args.variant
         log(f"model: {model['size_bytes'] / 1e6:.1f} MB, {model['bn_nodes']} BatchNormalization nodes")
         outs = {k: work / f"out_{k}.onnx" for k in keys}
         results: dict = {"benchmark": "fold_speed", "setup": environment(args.reps, args.cold_reps), "model": model,
@@ -969,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
             log("WARNING: bnfold's source changed while the benchmark ran; the numbers mix versions: rerun")
         results["summary"] = build_summary(results)
 
-    json_path, md_path = args.out / "fold_speed.json", args.out / "fold_speed.md"
+    stem = "fold_speed" if args.variant == "raw" else f"fold_speed_{args.variant}"
+    json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, md_path)
     log(f"wrote {json_path} and {md_path}")
