@@ -206,18 +206,33 @@ class _Folder:
     def rank(self, t: gs.Tensor) -> int | None:
         if t.shape is not None:
             return len(t.shape)
-        if self._ranks is None:
-            self._ranks = {}
-            try:
-                inferred = onnx.shape_inference.infer_shapes(self.model)
-                g = inferred.graph
-                for vi in list(g.value_info) + list(g.input) + list(g.output):
-                    tt = vi.type.tensor_type
-                    if tt.HasField("shape"):
-                        self._ranks[vi.name] = len(tt.shape.dim)
-            except Exception as exc:
-                log.debug("shape inference failed: %s", exc)
+        self._infer()
         return self._ranks.get(t.name)
+
+    def elem_dtype(self, t: gs.Tensor):
+        """numpy dtype of ``t`` from shape inference, when the graph does not say."""
+        self._infer()
+        return self._dtypes.get(t.name)
+
+    def _infer(self) -> None:
+        if self._ranks is not None:
+            return
+        self._ranks, self._dtypes = {}, {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+        except Exception as exc:
+            log.debug("shape inference failed: %s", exc)
+            return
+        g = inferred.graph
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                self._ranks[vi.name] = len(tt.shape.dim)
+            if tt.elem_type:
+                try:
+                    self._dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                except (KeyError, ValueError):
+                    pass
 
     def set_input(self, node: gs.Node, idx: int, values: np.ndarray, base: str) -> None:
         """Give ``node`` input ``idx`` the constant ``values``: rewrite the existing constant in place when only
@@ -379,8 +394,15 @@ class _Folder:
             rank = self.rank(y)
         if rank is None or rank < 2:
             raise _Skip("unknown_rank", "input rank unknown: cannot shape the Mul/Add constants")
-        dt = x.dtype if x.dtype is not None and _is_float(x.dtype) else dtype
-        shape = (affine.channels,) + (1,) * (rank - 2)
+        dt = next((d for d in (x.dtype, y.dtype, self.elem_dtype(x), self.elem_dtype(y))
+                   if d is not None and _is_float(d)), None)
+        if dt is None:
+            raise _Skip("unsupported_dtype", "the dtype of the BatchNorm input is unknown: cannot type the "
+                        "Mul/Add constants")
+        # opset < 7 broadcasts only with broadcast=1, matching B's dims to A's from `axis` on: use (C,) at axis 1
+        legacy = self.opset < 7
+        shape = (affine.channels,) if legacy else (affine.channels,) + (1,) * (rank - 2)
+        attrs = {"broadcast": 1, "axis": 1} if legacy else {}
         try:
             s = formula.cast_checked(affine.scale.reshape(shape), dt, what=f"{_node_label(bn)} scale")
             t = formula.cast_checked(affine.shift.reshape(shape), dt, what=f"{_node_label(bn)} shift")
@@ -388,10 +410,10 @@ class _Folder:
             raise _Skip("cast_overflow", str(exc)) from None
         base = bn.name or y.name
         mid = gs.Variable(self.unique(f"{base}_scaled"), dtype=y.dtype, shape=y.shape)
-        mul = gs.Node("Mul", self.unique(f"{base}_mul"), inputs=[x, gs.Constant(self.unique(f"{base}_scale"), s)],
-                      outputs=[mid])
-        add = gs.Node("Add", self.unique(f"{base}_add"), inputs=[mid, gs.Constant(self.unique(f"{base}_shift"), t)],
-                      outputs=[y])
+        mul = gs.Node("Mul", self.unique(f"{base}_mul"), attrs=dict(attrs),
+                      inputs=[x, gs.Constant(self.unique(f"{base}_scale"), s)], outputs=[mid])
+        add = gs.Node("Add", self.unique(f"{base}_add"), attrs=dict(attrs),
+                      inputs=[mid, gs.Constant(self.unique(f"{base}_shift"), t)], outputs=[y])
         idx = self._position(graph, bn)
         bn.outputs.clear()
         bn.inputs.clear()
@@ -603,7 +625,7 @@ class _Folder:
         out = mm.outputs[0]
         base = mm.name or out.name
         mid = gs.Variable(self.unique(f"{base}_nobias"), dtype=out.dtype, shape=out.shape)
-        add = gs.Node("Add", self.unique(f"{base}_bias_add"),
+        add = gs.Node("Add", self.unique(f"{base}_bias_add"), attrs={"broadcast": 1} if self.opset < 7 else {},
                       inputs=[mid, gs.Constant(self.unique(f"{base}_bias"), b_new)], outputs=[])
         mm.outputs[0] = mid
         add.outputs.append(out)
@@ -682,7 +704,7 @@ class _Folder:
             return label
         base = q.name or out.name
         mid = gs.Variable(self.unique(f"{base}_nobias"), dtype=out.dtype, shape=out.shape)
-        add = gs.Node("Add", self.unique(f"{base}_bias_add"),
+        add = gs.Node("Add", self.unique(f"{base}_bias_add"), attrs={"broadcast": 1} if self.opset < 7 else {},
                       inputs=[mid, gs.Constant(self.unique(f"{base}_bias"), b_new)], outputs=[])
         q.outputs[0] = mid
         add.outputs.append(out)
@@ -697,9 +719,16 @@ class _Folder:
         # tensor by tensor (a new weight's array is freed as soon as it is written): the fold holds the source
         # model plus about one copy of the weights, instead of three.
         payload: dict[str, object] = {}
+        owners: dict[str, set[int]] = {}
         for graph in self.graphs:
             for t in graph.tensors().values():
-                if isinstance(t, gs.Constant) and t.name and t.name not in payload:
+                if isinstance(t, gs.Constant) and t.name:
+                    owners.setdefault(t.name, set()).add(id(t))
+        for graph in self.graphs:
+            for t in graph.tensors().values():
+                # a name two different constants share (sibling subgraphs may each hold their own 'W') is
+                # left to graphsurgeon: the payload is keyed by name
+                if isinstance(t, gs.Constant) and t.name and t.name not in payload and len(owners[t.name]) == 1:
                     stub = _stub(t)
                     if stub is not None:
                         payload[t.name] = t._values.tensor if isinstance(t._values, LazyValues) else t._values
@@ -733,8 +762,9 @@ class _Folder:
         out.functions.extend(src.functions)
         del out.metadata_props[:]
         out.metadata_props.extend(p for p in src.metadata_props if p.key != METADATA_KEY)
-        # Old IR (< 4) lists initializers among the graph inputs: keep those that still exist, in order.
-        inits = {t.name for t in out.graph.initializer}
+        # Old IR (< 4) lists initializers among the graph inputs: keep those that still exist, in order, and
+        # list the initializers the fold created too.
+        inits = {t.name: t for t in out.graph.initializer}
         present = {i.name for i in out.graph.input}
         missing = [vi for vi in src.graph.input if vi.name in inits and vi.name not in present]
         if missing:
@@ -743,6 +773,11 @@ class _Folder:
             new_inputs.sort(key=lambda vi: order.get(vi.name, len(order)))
             del out.graph.input[:]
             out.graph.input.extend(new_inputs)
+        if src.ir_version < 4:
+            present = {i.name for i in out.graph.input}
+            for name, t in inits.items():
+                if name not in present:
+                    out.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
         return out
 
 

@@ -90,6 +90,13 @@ class G:
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict, disable_all: bool = True) -> list[np.ndarray]:
+    """Run in ONNX Runtime (optimizations off). ORT does not run opsets below 7: such models are converted to
+    opset 14 with onnx's version converter first. (onnx's reference evaluator is not used as a reference for
+    old opsets: its BatchNormalization-9 disagrees with ORT and with the definition.)"""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if opset < 7:
+        from onnx import version_converter
+        model = version_converter.convert_version(model, 14)
     so = ort.SessionOptions()
     if disable_all:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -122,7 +122,7 @@ def test_entry_point_installed(model_path, tmp_path):
 
 
 def test_every_command_has_help_with_an_example():
-    for name, cmd in main.commands.items():
+    for name in main.commands:
         r = CliRunner().invoke(main, [name, "--help"])
         assert r.exit_code == 0, name
         assert "Example" in r.output, f"`bnfold {name} --help` shows no example"
