@@ -135,7 +135,10 @@ def _trace_export(model: nn.Module, example_inputs: tuple, kinds: dict[str, str]
                     call.data_in.append(a)
             if any(u not in s for u in n.users):
                 call.outputs.append(n)
-    return ep.graph, order
+    targets = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    param_users = {targets[n.name]: list(n.users) for n in ep.graph.nodes
+                   if n.op == "placeholder" and n.name in targets}
+    return ep.graph, order, param_users
 
 
 class _LeafTracer(fx.Tracer):
@@ -154,14 +157,17 @@ def _trace_fx(model: nn.Module, example_inputs: tuple, kinds: dict[str, str]):
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(gm).propagate(*example_inputs)
     order, seen = [], {}
+    param_users: dict[str, list] = {}
     for node in gm.graph.nodes:
+        if node.op == "get_attr":  # leaf modules read their own parameters inside the call: any get_attr is outside
+            param_users.setdefault(str(node.target), []).extend(node.users)
         if node.op == "call_module" and node.target in kinds:
             seen[node.target] = seen.get(node.target, 0) + 1
             key = node.target if seen[node.target] == 1 else f"{node.target}@{seen[node.target] - 1}"
             data = [a for a in node.all_input_nodes if a.op != "get_attr"]
             order.append(_Call(fqn=node.target, kind=kinds[node.target], key=key, nodes=[node], data_in=data,
                                outputs=[node]))
-    return gm.graph, order
+    return gm.graph, order, param_users
 
 
 def _rank(node) -> int | None:
@@ -240,14 +246,19 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
     example_inputs = tuple(example_inputs)
     _check_bn_modules(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:
+            raise BnfoldError(f"cannot copy the model to fold it ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "fold it in place instead (inplace=True)") from None
     kinds = {name: k for name, m in model.named_modules() if (k := _kind(m)) is not None}
-    graph, calls, used = None, None, None
+    graph, calls, used, param_users = None, None, None, {}
     errors = []
     for name in (("export", "fx") if tracer == "auto" else (tracer,)):
         try:
             with torch.no_grad():
-                graph, calls = (_trace_export if name == "export" else _trace_fx)(model, example_inputs, kinds)
+                graph, calls, param_users = (_trace_export if name == "export" else _trace_fx)(
+                    model, example_inputs, kinds)
             used = "torch.export" if name == "export" else "torch.fx"
             break
         except Exception as exc:  # tracing failures are expected for some models: try the next tracer
@@ -289,6 +300,13 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
             skip("not_plain_batchnorm", f"{type(module).__qualname__} subclasses BatchNorm and may do more than "
                  "normalise (e.g. an activation inside): not folded")
             continue
+        if _has_hooks(module):
+            skip("module_has_hooks", "the BatchNorm has forward hooks, which replacing it would drop")
+            continue
+        elsewhere = _used_elsewhere(bn_name, module, by_fqn, param_users)
+        if elsewhere:
+            skip("parameters_used_elsewhere", f"its parameter/buffer {elsewhere} is also read outside the module call")
+            continue
         bn_calls = by_fqn.get(bn_name, [])
         if not bn_calls:
             skip("not_called", "the module is never called in the traced forward pass")
@@ -309,7 +327,7 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
             try:
                 layer, w_new, b_new = (_plan_backward if direction == "backward" else _plan_forward)(
                     model, call, x, y, affine, by_fqn, producer_of if direction == "backward" else call_of,
-                    graph_outputs)
+                    graph_outputs, param_users)
                 _apply(model, layer, w_new, b_new)
             except _Skip as s:
                 attempts.append(s)
@@ -334,14 +352,43 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
     return TorchFoldResult(module=model, report=report, param_map=param_map, tracer=used)
 
 
-def _layer_checks(model, layer_call: _Call, by_fqn, role: str):
+def _layer_checks(model, layer_call: _Call, by_fqn, role: str, param_users):
     fqn = layer_call.fqn
+    module = model.get_submodule(fqn)
     if len(by_fqn.get(fqn, [])) > 1:
         raise _Skip("module_reused", f"the {role} {fqn} is called {len(by_fqn[fqn])} times: folding would change "
                     "its other calls")
     tied = _tied(model, fqn)
     if tied is not None:
         raise _Skip("parameters_tied", f"the parameters of {fqn} are shared with {tied}")
+    if _has_hooks(module):
+        raise _Skip("module_has_hooks", f"the {role} {fqn} has forward hooks: its call computes more than the "
+                    "layer")
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module):
+        raise _Skip("parametrized_weight", f"the weight of {fqn} is computed by a parametrization (e.g. weight "
+                    "norm): writing it would be undone")
+    elsewhere = _used_elsewhere(fqn, module, by_fqn, param_users)
+    if elsewhere:
+        raise _Skip("parameters_used_elsewhere", f"{elsewhere} is also read outside the {role}'s call "
+                    "(e.g. a functional call): folding would change that use")
+    if len(layer_call.nodes) != 1:
+        raise _Skip("module_has_hooks", f"the call of {fqn} computes more than its {layer_call.kind}")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(module, "_forward_hooks_with_kwargs", None))
+
+
+def _used_elsewhere(fqn: str, module: nn.Module, by_fqn, param_users) -> str | None:
+    """A parameter/buffer of ``fqn`` that some node outside the module's own calls reads."""
+    inside = {n for c in by_fqn.get(fqn, []) for n in c.nodes}
+    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        full = f"{fqn}.{name}" if fqn else name
+        if any(u not in inside for u in param_users.get(full, [])):
+            return full
+    return None
 
 
 def _layer_arrays(model: nn.Module, fqn: str):
@@ -352,7 +399,7 @@ def _layer_arrays(model: nn.Module, fqn: str):
     return layer, w, b
 
 
-def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs):
+def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs, param_users):
     prod = producer_of.get(x)
     if prod is None or prod.kind not in ("conv", "conv_t", "linear"):
         raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear")
@@ -360,7 +407,7 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
     if users_outside or x in graph_outputs:
         raise _Skip("producer_output_shared", f"the output of {prod.fqn} is also used by something besides the "
                     "BatchNorm: folding would change what it sees")
-    _layer_checks(model, prod, by_fqn, "producer")
+    _layer_checks(model, prod, by_fqn, "producer", param_users)
     layer, w, b = _layer_arrays(model, prod.fqn)
     if prod.kind == "linear":
         r = _rank(x)
@@ -379,7 +426,7 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
     return prod.fqn, w_new, b_new
 
 
-def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs):
+def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs, param_users):
     users = list(y.users)
     consumers = {id(c): c for u in users for c in [call_of.get(u)] if c is not None}
     if y in graph_outputs or len(consumers) != 1 or any(call_of.get(u) is None for u in users):
@@ -390,7 +437,7 @@ def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs):
     cons = next(iter(consumers.values()))
     if cons.kind not in ("conv", "linear") or cons.data_in != [y]:
         raise _Skip("no_foldable_neighbour", "its output does not go straight into a Conv/Linear")
-    _layer_checks(model, cons, by_fqn, "consumer")
+    _layer_checks(model, cons, by_fqn, "consumer", param_users)
     layer, w, b = _layer_arrays(model, cons.fqn)
     if cons.kind == "linear":
         r = _rank(y)

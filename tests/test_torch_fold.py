@@ -204,7 +204,41 @@ class Unused(nn.Module):
         return self.conv(x)
 
 
+class FunctionalReuse(nn.Module):
+    """TridentNet-style: the conv's weight is also used functionally with another dilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight, padding=2, dilation=2)
+
+
+def _hooked_conv():
+    conv = nn.Conv2d(3, 4, 3)
+    conv.register_forward_hook(lambda m, i, o: o * 2)
+    return Seq(conv, nn.BatchNorm2d(4))
+
+
+def _hooked_bn():
+    bn = nn.BatchNorm2d(4)
+    bn.register_forward_hook(lambda m, i, o: o + 1)
+    return Seq(nn.Conv2d(3, 4, 3), bn)
+
+
+def _weight_norm_conv():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))  # recomputes .weight in a forward pre-hook
+    return Seq(conv, nn.BatchNorm2d(4))
+
+
 SKIPS = {
+    "parameters_used_elsewhere": (FunctionalReuse, (1, 3, 6, 6)),
+    "module_has_hooks": (_hooked_conv, (1, 3, 6, 6)),
     "module_reused": (Reused, (1, 4, 5, 5)),
     "producer_output_shared": (SharedOutput, (1, 3, 5, 5)),
     "parameters_tied": (Tied, (1, 3, 5, 5)),
@@ -213,6 +247,17 @@ SKIPS = {
     "consumer_padded": (lambda: Seq(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)), (2, 4, 7, 7)),
     "not_called": (Unused, (1, 3, 5, 5)),
 }
+
+
+@pytest.mark.parametrize("case", ["hooked_bn", "weight_norm"])
+def test_hooks_are_never_folded_through(case):
+    model = zoo.randomize_bn(_hooked_bn() if case == "hooked_bn" else _weight_norm_conv()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    res = fold_module(model, x, inplace=(case == "weight_norm"))  # old weight_norm cannot be deep-copied
+    assert [e.reason for e in res.report.entries] == ["module_has_hooks"]
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(res.module(x), ref)
 
 
 @pytest.mark.parametrize("reason", list(SKIPS))
