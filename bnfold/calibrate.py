@@ -98,7 +98,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
                 for n, m in bns.items()}
     modes = {n: m.training for n, m in model.named_modules()}
     accs: dict[str, _Acc] = {}
-    current: dict[str, tuple] = {}
+    current: dict[str, list[tuple]] = {}
 
     def hook(name):
         def pre(module, args):
@@ -109,7 +109,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
             var = xd.var(dim=dims, unbiased=False)
             sq = (xd * xd).sum(dim=dims)
             count = x.numel() // x.shape[1]
-            current[name] = (mu, var, sq, count)
+            current.setdefault(name, []).append((mu, var, sq, count))  # a BN called twice sees two batches
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns.items()]
@@ -134,18 +134,20 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
                         log.info("skipping a batch of %d: %s", len(x), exc)
                         continue
                     raise
-                for name, (mu, var, sq, count) in current.items():
-                    if count < 2:
-                        continue
-                    acc = accs.get(name)
-                    if acc is None:
-                        z = torch.zeros_like(mu)
-                        acc = accs[name] = _Acc(z.clone(), z.clone(), z.clone(), torch.zeros((), dtype=torch.float64, device=mu.device))
-                    acc.s1 += count * mu
-                    acc.sv += count * (count / (count - 1)) * var
-                    acc.s2 += sq
-                    acc.m += count
-                    acc.batches += 1
+                for name, calls in current.items():
+                    for mu, var, sq, count in calls:
+                        if count < 2:
+                            continue
+                        acc = accs.get(name)
+                        if acc is None:
+                            z = torch.zeros_like(mu)
+                            acc = accs[name] = _Acc(z.clone(), z.clone(), z.clone(),
+                                                    torch.zeros((), dtype=torch.float64, device=mu.device))
+                        acc.s1 += count * mu
+                        acc.sv += count * (count / (count - 1)) * var
+                        acc.s2 += sq
+                        acc.m += count
+                        acc.batches += 1
                 n_batches += 1
                 samples += len(x)
     finally:
@@ -153,22 +155,33 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
             h.remove()
         for n, m in model.named_modules():
             m.training = modes[n]
+        # train-mode forwards moved the running averages by momentum: put them back (apply then writes ours)
+        with torch.no_grad():
+            for name, saved in original.items():
+                for k, v in saved.items():
+                    if v is not None:
+                        getattr(bns[name], k).copy_(v)
     world = 1
     if distributed:
         world = torch.distributed.get_world_size()
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # every rank takes part in every collective, even one that saw no batch, so that none waits forever
+        channels = {name: bns[name].num_features for name in sorted(bns)}
         for name in sorted(bns):
             acc = accs.get(name)
-            if acc is None:
-                raise BnfoldError(f"BatchNorm '{name}' saw no batch on rank {torch.distributed.get_rank()}")
-            packed = torch.cat([acc.s1, acc.sv, acc.s2, acc.m.reshape(1)])
-            backend = torch.distributed.get_backend()
-            if backend == "nccl" and packed.device.type != "cuda":
-                packed = packed.cuda()
+            c = channels[name]
+            packed = (torch.cat([acc.s1, acc.sv, acc.s2, acc.m.reshape(1)]).to(device) if acc is not None
+                      else torch.zeros(3 * c + 1, dtype=torch.float64, device=device))
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-            packed = packed.to(acc.s1.device)
-            c = acc.s1.numel()
+            packed = packed.cpu() if acc is None else packed.to(acc.s1.device)
+            if packed[3 * c] == 0:
+                accs.pop(name, None)
+                continue
+            if acc is None:
+                acc = accs[name] = _Acc(packed[:c], packed[c:2 * c], packed[2 * c:3 * c], packed[3 * c])
             acc.s1, acc.sv, acc.s2, acc.m = packed[:c], packed[c:2 * c], packed[2 * c:3 * c], packed[3 * c]
-        totals = torch.tensor([n_batches, samples, skipped], dtype=torch.float64)
+        totals = torch.tensor([n_batches, samples, skipped], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
         n_batches, samples, skipped = (int(v) for v in totals.tolist())
     missing = [n for n in bns if n not in accs]

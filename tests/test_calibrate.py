@@ -188,3 +188,28 @@ def test_cli_train_and_calibrate(tmp_path):
     assert read_checkpoint_config(out)["calibration"]["method"] == "pooled"
     r = CliRunner().invoke(main, ["train", "no_such_model", "-o", str(tmp_path / "x.pt")])
     assert r.exit_code == 2 and r.output.startswith("error:")
+
+
+def test_apply_false_leaves_the_model_untouched():
+    model = mlp().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    population_statistics(model, [torch.randn(8, 6, dtype=torch.float64) for _ in range(3)], apply=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_batchnorm_called_twice_counts_both_calls():
+    bn = nn.BatchNorm1d(3).double().eval()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x):
+            return self.bn(x) + self.bn(10 * x + 5)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    result = population_statistics(Twice().eval(), [x])
+    both = torch.cat([x, 10 * x + 5])
+    torch.testing.assert_close(result.stats["bn"][0], both.mean(0))
+    assert result.per_bn_values["bn"] == 32
