@@ -14,6 +14,7 @@ used are recorded (``get_available_providers()`` lists CUDA even where it cannot
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -226,6 +227,8 @@ class TorchRunner:
 
         self.torch = torch
         self.label = label
+        if setting.ep not in ("cpu", "cuda"):
+            raise BnfoldError(f"--runtime torch runs on cpu or cuda, not {setting.ep}")
         device = "cuda" if setting.ep == "cuda" else "cpu"
         if setting.ep == "cuda" and not torch.cuda.is_available():
             raise ProviderUnavailable("torch.cuda.is_available() is False")
@@ -233,7 +236,8 @@ class TorchRunner:
             torch.set_num_threads(setting.threads)
         self.device = device
         t0 = time.perf_counter()
-        self.module = module.eval().to(device)
+        current = next((p.device.type for p in module.parameters()), "cpu")
+        self.module = (module if current == device else copy.deepcopy(module).to(device)).eval()
         if compile_mode:
             self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode)
         g = torch.Generator().manual_seed(0)
@@ -282,6 +286,9 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
           progress=None) -> BenchRun:
     """Time ``models`` (ONNX paths for ``runtime="ort"``; ``(label, nn.Module, input_shape)`` for ``"torch"``)
     interleaved, for every (ep, opt level, batch) setting. ``io_binding`` defaults to on for GPU providers."""
+    if runtime == "torch" and (cuda_graph or io_binding or tuple(opt_levels) != ("all",)):
+        raise BnfoldError("--cuda-graph, --io-binding and --opt-level are ONNX Runtime settings: they do not apply "
+                          "to --runtime torch (use --compile for torch.compile)")
     results, skipped = [], []
     settings = []
     for ep in eps:

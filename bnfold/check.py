@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import InternalError
 
 log = logging.getLogger(__name__)
 _2GB = 2**31 - 1
@@ -57,7 +57,7 @@ def folded_checker(original: onnx.ModelProto | str | os.PathLike, label: str, wa
             log.warning(msg)
             warnings.append(msg)
             return
-        raise BnfoldError(f"internal error: the folded {label} fails onnx.checker ({err}) although the input "
-                          "passes; nothing was written. Please report this with the model")
+        raise InternalError(f"the folded {label} fails onnx.checker ({err}) although the input passes; "
+                            "nothing was written. Please report this with the model")
 
     return validate

@@ -17,3 +17,7 @@ class VerificationFailed(Exception):
     def __init__(self, result):
         super().__init__(result.verdict())
         self.result = result
+
+
+class InternalError(RuntimeError):
+    """bnfold produced something invalid from a valid input: a bug (exit 3), never blamed on the input."""

@@ -23,21 +23,24 @@ DEFAULT_OPSET = 18
 
 def export_onnx(model: torch.nn.Module, example_inputs: tuple, *, opset: int | None = None,
                 dynamic_batch: bool = True, input_names: list[str] | None = None,
-                output_names: list[str] | None = None, materialize: bool = True) -> onnx.ModelProto:
+                output_names: list[str] | None = None, materialize: bool = True,
+                keep_bn: bool = False) -> onnx.ModelProto:
     """Export ``model`` (in eval mode) to an ONNX ModelProto, keeping BatchNormalization nodes.
 
     With ``materialize`` (default) conv/linear weights and biases the exporter computes in-graph from constants
     become initializers (all-zero biases dropped; see :func:`bnfold.onnx_fold.materialize_params`), so that a
-    runtime sees the original model's constants as plainly as the folded model's."""
+    runtime sees the original model's constants as plainly as the folded model's. With ``keep_bn`` (a reference
+    export) the TorchScript fallback, which folds Conv+BN on its own, is not used."""
     proto = _export(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch, input_names=input_names,
-                    output_names=output_names)
+                    output_names=output_names, keep_bn=keep_bn)
     if materialize:
         from bnfold.onnx_fold import materialize_params
         proto, _ = materialize_params(proto)
     return proto
 
 
-def _export(model, example_inputs, *, opset, dynamic_batch, input_names, output_names) -> onnx.ModelProto:
+def _export(model, example_inputs, *, opset, dynamic_batch, input_names, output_names,
+            keep_bn=False) -> onnx.ModelProto:
     if model.training:
         raise BnfoldError("the model is in training mode: call model.eval() before exporting")
     example_inputs = tuple(example_inputs)
@@ -61,6 +64,9 @@ def _export(model, example_inputs, *, opset, dynamic_batch, input_names, output_
             except Exception as exc:
                 errors.append(_first_line(exc))
                 log.info("dynamo export (%s batch) failed: %s", "dynamic" if dyn else "static", errors[-1])
+        if keep_bn:
+            raise BnfoldError(f"the dynamo exporter failed ({errors[-1]}); the TorchScript exporter would fold "
+                              "Conv+BatchNorm itself, so no BN-preserving reference can be exported")
         log.warning("the dynamo exporter failed (%s); falling back to the TorchScript exporter, which folds "
                     "Conv+BatchNorm pairs itself in eval mode", errors[-1])
         try:

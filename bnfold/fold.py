@@ -90,7 +90,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         if dry_run:
             result.report.dry_run = True
             return result, result.report
-    exported = export_onnx(module, example_inputs, opset=opset, input_names=input_names, dynamic_batch=dynamic_batch)
+    exported = export_onnx(module, example_inputs, opset=opset, input_names=input_names, dynamic_batch=dynamic_batch,
+                           keep_bn=not fold)
     if fold:
         onnx_model, onnx_report = fold_model(exported, options, name="export")
         report = _merge(result.report, onnx_report)

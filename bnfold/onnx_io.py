@@ -191,6 +191,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         if (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, out)
+        if not external_data and (parent / data_name).is_file():
+            (parent / data_name).unlink()  # a data file an earlier save of this output left behind
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out

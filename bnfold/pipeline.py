@@ -82,7 +82,7 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
         else:
             from bnfold.export import export_onnx
             from bnfold.fold import fold_torch
-            original = export_onnx(model, example_inputs, input_names=input_names)
+            original = export_onnx(model, example_inputs, input_names=input_names, keep_bn=True)
             _, fold_report = fold_torch(model, example_inputs, out / "folded.onnx", input_names=input_names)
             folded = None
     save_model(original, out / "original.onnx")

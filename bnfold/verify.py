@@ -111,17 +111,22 @@ def compare_output(ref: np.ndarray, cand: np.ndarray, *, atol: float | None, rto
     cand64 = np.asarray(cand, np.float64)
     if ref64.shape != cand64.shape:
         raise BnfoldError(f"output shapes differ: reference {ref64.shape}, candidate {cand64.shape}")
-    diff = np.abs(cand64 - ref64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(ref64 == cand64, 0.0, np.abs(cand64 - ref64))  # identical infinities agree
     finite = np.isfinite(ref64)
     scale = max(1.0, float(np.max(np.abs(ref64[finite])))) if finite.any() else 1.0
     atol_v = float(atol) if atol is not None else a_scale * scale
     rtol_v = float(rtol) if rtol is not None else r_default
     nan_mismatch = bool(np.any(np.isnan(ref64) != np.isnan(cand64)))
     both = ~(np.isnan(ref64) & np.isnan(cand64))
-    ok = bool(np.all((diff <= atol_v + rtol_v * np.abs(ref64))[both])) and not nan_mismatch
+    with np.errstate(invalid="ignore"):
+        within = np.where(np.isfinite(ref64), diff <= atol_v + rtol_v * np.abs(ref64), ref64 == cand64)
+    ok = bool(np.all(within[both])) and not nan_mismatch
     d = diff[both] if diff.size else diff
-    rel = d / np.maximum(np.abs(ref64[both]), 1e-12) if d.size else d
-    r, c = ref64.reshape(-1), cand64.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        rel = d / np.maximum(np.abs(ref64[both]), 1e-12) if d.size else d
+    keep = np.isfinite(ref64.reshape(-1)) & np.isfinite(cand64.reshape(-1))
+    r, c = ref64.reshape(-1)[keep], cand64.reshape(-1)[keep]
     denom = np.linalg.norm(r) * np.linalg.norm(c)
     cosine = float(np.dot(r, c) / denom) if denom > 0 else (1.0 if np.array_equal(r, c) else 0.0)
     return OutputStats(
@@ -145,9 +150,13 @@ class _OnnxRunner:
 
 class _TorchRunner:
     def __init__(self, module, device: str):
+        import copy
+
         import torch
         self.torch = torch
-        self.module = module.eval().to(device)
+        current = next((p.device.type for p in module.parameters()), "cpu")
+        # never move the caller's module: run a copy when it lives on another device
+        self.module = (module if current == device else copy.deepcopy(module).to(device)).eval()
         self.device = device
         self.providers = [f"torch-{device}"]
 

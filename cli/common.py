@@ -1,6 +1,6 @@
 """Shared command-line plumbing: logging flags, error handling, output streams.
 
-Conventions: exit 0 ok, 1 a check failed, 2 bad input or usage. Errors are one line without a traceback
+Conventions: exit 0 ok, 1 a check failed, 2 bad input or usage, 3 internal error (a bug in bnfold). Errors are one line without a traceback
 (``--debug`` shows it). With ``--json`` the machine-readable result goes to stdout and everything else to stderr.
 """
 
@@ -16,7 +16,7 @@ from rich.console import Console
 
 from bnfold.errors import BnfoldError, VerificationFailed
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -59,8 +59,8 @@ def common_options(f):
             if debug:
                 raise
             err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug "
-                              "for the traceback and report it)", soft_wrap=True)
-            ctx.exit(EXIT_FAILED)
+                              "for the traceback and report it)", soft_wrap=True, markup=False)
+            ctx.exit(EXIT_INTERNAL)
 
     return wrapper
 

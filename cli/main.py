@@ -48,6 +48,12 @@ def _options(lower_standalone: bool, no_forward: bool, no_affine: bool) -> FoldO
     return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone)
 
 
+def _check_report_path(path: Path | None) -> None:
+    """Refuse a report path that cannot be written before anything else is written."""
+    if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise BnfoldError(f"--report {path}: folder {path.parent} does not exist")
+
+
 def _is_onnx(model: str) -> bool:
     return model.lower().endswith(".onnx") or Path(model).is_file()
 
@@ -125,6 +131,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
+    _check_report_path(report_path)
     options = _options(**opts)
     verify = None
     if do_verify and not dry_run:
@@ -163,6 +170,7 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     """
     if _is_onnx(model):
         raise BnfoldError(f"{model} is already ONNX: use 'bnfold fold {model} -o OUT.onnx' to fold it")
+    _check_report_path(report_path)
     torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
     _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold)
     if no_fold:

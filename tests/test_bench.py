@@ -131,3 +131,10 @@ def test_cli_torch_runtime_variants():
     data = json.loads(r.stdout)
     assert [x["model"] for x in data["results"]] == ["mlp_bn", "mlp_bn@folded", "mlp_bn@nobn"]
     assert data["results"][0]["providers"] == ["torch-cpu-eager"]
+
+
+def test_torch_runtime_rejects_ort_settings():
+    r = CliRunner().invoke(main, ["bench", "mlp_bn", "--runtime", "torch", "--opt-level", "off", "--iters", "2"])
+    assert r.exit_code == 2 and "ONNX Runtime settings" in r.output
+    r = CliRunner().invoke(main, ["bench", "mlp_bn", "--runtime", "torch", "--ep", "tensorrt", "--iters", "2"])
+    assert r.exit_code == 2 and "cpu or cuda" in r.output

@@ -133,3 +133,17 @@ def test_every_command_has_help_with_an_example():
 def test_debug_shows_traceback(tmp_path):
     r = CliRunner().invoke(main, ["fold", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "x.onnx"), "--debug"])
     assert r.exit_code != 0 and r.exception is not None  # the exception propagates instead of a one-liner
+
+
+def test_report_in_missing_folder_writes_nothing(model_path, tmp_path):
+    out = tmp_path / "f.onnx"
+    r = run("fold", model_path, "-o", out, "--report", tmp_path / "no" / "r.json")
+    assert r.exit_code == 2 and not out.exists() and r.output.startswith("error:")
+
+
+def test_internal_errors_exit_3(model_path, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+    monkeypatch.setattr("bnfold.cli.main.fold_onnx_file", boom)
+    r = run("fold", model_path, "-o", tmp_path / "f.onnx")
+    assert r.exit_code == 3 and "internal error" in r.output and "simulated bug" in r.output

@@ -103,6 +103,13 @@ def test_tolerances_follow_dtype():
     nan = ref.copy()
     nan[3] = np.nan
     assert not compare_output(ref, nan, atol=None, rtol=None).passed
+    inf = ref.copy()
+    inf[[0, 5]] = [-np.inf, np.inf]
+    st = compare_output(inf, inf.copy(), atol=None, rtol=None)  # identical infinities agree
+    assert st.passed and st.max_abs == 0 and st.cosine == pytest.approx(1.0)
+    other = inf.copy()
+    other[5] = -np.inf
+    assert not compare_output(inf, other, atol=None, rtol=None).passed
 
 
 def _trained_mnist_mlp(epochs: int = 10):
