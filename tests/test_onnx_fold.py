@@ -651,3 +651,19 @@ def test_lowering_uses_the_activation_dtype():
     assert consts and all(t.data_type == TensorProto.FLOAT16 for t in consts)
     feeds = random_feeds(model)
     assert_close(run_ort(folded, feeds)[0], run_ort(model, feeds)[0], low_precision=True)
+
+
+def test_unknown_rank_is_skipped():
+    """A MatMul on an input of unknown rank: BN's channel axis cannot be matched to the feature axis."""
+    g = G()
+    g.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))  # no shape at all
+    y = g.node("MatMul", ["x", g.const(g.rand(4, 6))], name="mm")
+    p = [g.const(v.astype(np.float32)) for v in g.bn_params(6)]
+    out = g.node("BatchNormalization", [y] + p)
+    model = helper.make_model(helper.make_graph(g.nodes, "g", g.inputs,
+                                                [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                                                initializer=g.inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folded, report = fold_model(model)
+    assert report.entries[0].reason == "unknown_rank"
+    assert graph_fingerprint(folded) == graph_fingerprint(model)
