@@ -19,10 +19,14 @@ CI. The targets checked (issue: benchmark):
 2. folded with optimizations off matches original at ORT's basic level, where ORT folds BN itself (within 2%);
 3. folded is within 3% of the no-BN floor at the same level.
 
+On a GPU provider (``--ep cuda``) the runtime's own levers are tried too, at the ``all`` level: NHWC layout
+(``prefer_nhwc``), exhaustive cuDNN algorithm search, TF32 off, and CUDA graphs, each reported as folded /
+no-BN and folded / original, so the results say which lever closes a gap.
+
 Usage::
 
     python benchmarks/latency.py [--archs resnet18,resnet50,...] [--rounds N] [--threads 1] [--batch 1]
-                                 [--ep cpu] [--out benchmarks/results] [--tag cpu]
+                                 [--ep cpu|cuda] [--out benchmarks/results] [--tag cpu]
 """
 
 from __future__ import annotations
@@ -114,6 +118,31 @@ def run_ort(arch: str, built: dict, args) -> dict:
     return out
 
 
+LEVERS = {  # CUDA provider options tried at the 'all' level (name -> (provider options, CUDA graph))
+    "nhwc": ({"prefer_nhwc": "1"}, False),
+    "cudnn_exhaustive": ({"cudnn_conv_algo_search": "EXHAUSTIVE"}, False),
+    "tf32_off": ({"use_tf32": "0"}, False),
+    "cuda_graph": ({}, True),
+}
+
+
+def run_levers(built: dict, args) -> dict:
+    """The CUDA provider's levers, each timed on original/folded/no-BN interleaved at the 'all' level."""
+    out = {}
+    for lever, (opts, graph) in LEVERS.items():
+        runners = [OrtRunner(str(built["paths"][name]), Setting("cuda", "all", args.batch, args.threads, True, graph,
+                                                                dict(opts)))
+                   for name in ("original", "folded", "nobn")]
+        for _ in range(args.warmup):
+            for r in runners:
+                r()
+        times = interleave(runners, args.rounds)
+        out[lever] = {"options": opts, "cuda_graph": graph,
+                      "p50_ms": {n: summarize(t)["p50_ms"] for n, t in zip(("original", "folded", "nobn"), times)},
+                      "folded/original": ratio_ci(times[1], times[0]), "folded/nobn": ratio_ci(times[1], times[2])}
+    return out
+
+
 def run_torch(arch: str, built: dict, args) -> dict:
     model = built["module"]
     x = torch.randn(built["shape"])
@@ -175,6 +204,10 @@ def write_md(path: Path, data: dict) -> None:
                          f"{st['mean_ms']:.2f} |")
         lines += ["", "| ratio (PyTorch eager) | value [95% CI] |", "|---|---:|"]
         lines += [f"| {k} | {fmt_ci(v)} |" for k, v in res["torch"]["ratios"].items()]
+        if res.get("levers"):
+            lines += ["", "| CUDA lever (ORT all) | folded/original [95% CI] | folded/no-BN [95% CI] |", "|---|---:|---:|"]
+            lines += [f"| {k} | {fmt_ci(v['folded/original'])} | {fmt_ci(v['folded/nobn'])} |"
+                      for k, v in res["levers"].items()]
         lines += ["", "| target | met | ratio |", "|---|---|---:|"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {val} |" for name, ok, val in res["targets"]]
         lines.append("")
@@ -211,6 +244,9 @@ def main() -> None:
             torch_res = run_torch(arch, built, args)
             data["archs"][arch] = {"shape": list(shape), "folded_report": built["folded_report"], "ort": ort_res,
                                    "torch": torch_res, "targets": verdicts(ort_res)}
+            if args.ep == "cuda":
+                log(f"{arch}: CUDA levers ({', '.join(LEVERS)})")
+                data["archs"][arch]["levers"] = run_levers(built, args)
             for name, ok, val in data["archs"][arch]["targets"]:
                 log(f"  {name}: {'ok' if ok else 'MISSED'} ({val})")
     data["load_end"] = [round(v, 2) for v in os.getloadavg()]

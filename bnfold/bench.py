@@ -123,6 +123,8 @@ class Setting:
     threads: int | None = None
     io_binding: bool = False
     cuda_graph: bool = False
+    #: provider options for the setting's own provider (e.g. CUDA's prefer_nhwc, cudnn_conv_algo_search, use_tf32)
+    ep_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class BenchResult:
     min_ms: float = 0.0
     ratio: float | None = None
     ratio_ci95: list[float] | None = None
+    ep_options: dict = field(default_factory=dict)
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_samples: bool = False) -> dict:
@@ -174,14 +177,15 @@ class OrtRunner:
     def __init__(self, path: str, setting: Setting, input_shapes=None, seed: int = 0):
         import onnxruntime as ort
 
-        from bnfold.runtime import ProviderFallback, make_session, ort_dtype, resolve_input_shapes
+        from bnfold.runtime import PRIMARY, ProviderFallback, make_session, ort_dtype, resolve_input_shapes
 
         self.label = str(path)
-        opts = {}
+        own = {k: str(v) for k, v in setting.ep_options.items()}
         if setting.cuda_graph:
             if setting.ep != "cuda":
                 raise BnfoldError("--cuda-graph needs the CUDA provider")
-            opts = {"CUDAExecutionProvider": {"enable_cuda_graph": "1"}}
+            own["enable_cuda_graph"] = "1"
+        opts = {PRIMARY[setting.ep]: own} if own else {}
         t0 = time.perf_counter()
         try:
             self.sess = make_session(path, ep=setting.ep, opt_level=setting.opt_level, threads=setting.threads,
@@ -283,9 +287,11 @@ class BenchRun:
 def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warmup: int = 10, iters: int = 100,
           duration_s: float | None = None, threads: int | None = None, io_binding: bool | None = None,
           cuda_graph: bool = False, input_shapes=None, runtime: str = "ort", compile_mode: str | None = None,
-          progress=None) -> BenchRun:
+          ep_options: dict | None = None, progress=None) -> BenchRun:
     """Time ``models`` (ONNX paths for ``runtime="ort"``; ``(label, nn.Module, input_shape)`` for ``"torch"``)
-    interleaved, for every (ep, opt level, batch) setting. ``io_binding`` defaults to on for GPU providers."""
+    interleaved, for every (ep, opt level, batch) setting. ``io_binding`` defaults to on for GPU providers.
+    ``ep_options`` are provider options for the GPU providers (CUDA: ``prefer_nhwc``, ``cudnn_conv_algo_search``,
+    ``use_tf32``...); the CPU provider gets none."""
     if runtime == "torch" and (cuda_graph or io_binding or tuple(opt_levels) != ("all",)):
         raise BnfoldError("--cuda-graph, --io-binding and --opt-level are ONNX Runtime settings: they do not apply "
                           "to --runtime torch (use --compile for torch.compile)")
@@ -295,7 +301,8 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
         for level in (opt_levels if runtime == "ort" else ["eager" if not compile_mode else "compiled"]):
             for b in batches:
                 iob = (ep != "cpu") if io_binding is None else io_binding
-                settings.append(Setting(ep, level, b, threads, iob, cuda_graph))
+                settings.append(Setting(ep, level, b, threads, iob, cuda_graph,
+                                        dict(ep_options or {}) if ep != "cpu" else {}))
     for k, s in enumerate(settings):
         if progress:
             progress(k, len(settings), s)
@@ -325,7 +332,8 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
                               throughput=s.batch * 1e3 / st["mean_ms"], session_ms=r.session_ms,
                               model_mb=_model_mb(r.label) if runtime == "ort" else None, providers=r.providers,
                               iters=st["n"], threads=threads, io_binding=s.io_binding and runtime == "ort",
-                              cuda_graph=s.cuda_graph, std_ms=st["std_ms"], min_ms=st["min_ms"], samples_ms=list(t))
+                              cuda_graph=s.cuda_graph, std_ms=st["std_ms"], min_ms=st["min_ms"], samples_ms=list(t),
+                              ep_options=s.ep_options)
             if base is None:
                 base = t
                 res.ratio, res.ratio_ci95 = 1.0, [1.0, 1.0]
@@ -338,6 +346,7 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
     config = {"runtime": runtime, "eps": list(eps), "opt_levels": list(opt_levels), "batches": list(batches),
               "warmup": warmup, "iters": iters, "duration_s": duration_s, "threads": threads,
               "io_binding": io_binding, "cuda_graph": cuda_graph, "compile": compile_mode,
+              "ep_options": dict(ep_options or {}),
               "timing": "interleaved rounds, rotating start; wall clock (perf_counter) on CPU, "
                         "IO binding + synchronize on GPU, CUDA events for torch on GPU"}
     return BenchRun(results, skipped, environment(), config)

@@ -289,6 +289,9 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--io-binding/--no-io-binding", default=None,
               help="Bind inputs/outputs on the device (default: on for GPU providers).")
 @click.option("--cuda-graph", is_flag=True, help="Capture the model in a CUDA graph (CUDA provider, IO binding).")
+@click.option("--ep-option", "ep_option", multiple=True, metavar="KEY=VALUE",
+              help="Provider option for the GPU providers, e.g. prefer_nhwc=1, cudnn_conv_algo_search=EXHAUSTIVE, "
+                   "use_tf32=0 (repeatable).")
 @click.option("--runtime", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
               help="ONNX Runtime on .onnx files, or PyTorch on specs (SPEC, SPEC@folded, SPEC@nobn).")
 @click.option("--compile", "compile_mode", default=None, metavar="MODE",
@@ -298,8 +301,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
 @json_option
 @common_options
-def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io_binding, cuda_graph, runtime,
-          compile_mode, input_shape, plot_path, json_mode):
+def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io_binding, cuda_graph, ep_option,
+          runtime, compile_mode, input_shape, plot_path, json_mode):
     """Time MODELS interleaved (A B A B ...) on each provider / optimization level / batch, with p50/p90/p99,
     bootstrap 95% intervals and the ratio of every model to the first.
 
@@ -316,6 +319,12 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
     from bnfold.torch_io import parse_input_shape
 
     shapes = [parse_input_shape(s) for s in input_shape]
+    ep_options = {}
+    for item in ep_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BnfoldError(f"--ep-option '{item}': expected KEY=VALUE, e.g. prefer_nhwc=1")
+        ep_options[key] = value
     if runtime == "ort":
         for m in models:
             if not Path(m).is_file():
@@ -332,7 +341,8 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
             progress.update(task, total=n, completed=k, description=f"{s.ep} opt {s.opt_level} batch {s.batch}")
         run = run_bench(targets, eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters,
                         duration_s=duration, threads=threads, io_binding=io_binding, cuda_graph=cuda_graph,
-                        input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, progress=report)
+                        input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, ep_options=ep_options,
+                        progress=report)
     if plot_path is not None:
         plot(run, plot_path)
     if json_mode:
