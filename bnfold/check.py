@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import InternalError
+from bnfold.onnx_io import tensor_bytes
 
 log = logging.getLogger(__name__)
 _2GB = 2**31 - 1
@@ -22,7 +23,7 @@ _2GB = 2**31 - 1
 def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     """The first line of onnx.checker's complaint (full check) about a model or model file, or None."""
     try:
-        if isinstance(model, onnx.ModelProto) and approx_size(model) > _2GB // 2:
+        if isinstance(model, onnx.ModelProto) and tensor_bytes(model) > _2GB // 2:
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "m.onnx")
                 onnx.save_model(model, p, save_as_external_data=True, location="m.data")
@@ -33,14 +34,6 @@ def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
     return None
-
-
-def approx_size(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data in the model's initializers (cheap: no serialization)."""
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
-    return total
 
 
 def folded_checker(original: onnx.ModelProto | str | os.PathLike, label: str, warnings: list[str]):

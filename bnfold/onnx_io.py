@@ -166,7 +166,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise BnfoldError(f"{out}: output folder {parent} does not exist")
-    if not external_data and _tensor_bytes(model) > _2GB // 2:
+    if not external_data and tensor_bytes(model) > _2GB // 2:
         external_data = True
     data_name = out.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
@@ -198,7 +198,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     return out
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
+def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data in the initializers: a cheap lower bound of the serialized size."""
     return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
                + 8 * (len(t.int64_data) + len(t.double_data)) for t in model.graph.initializer)
