@@ -295,7 +295,7 @@ def test_extra_outputs_are_skipped():
     x = g.input("x", [2, 3, 5, 5])
     c = g.conv(x, 3, 4)
     p = [g.const(v.astype(np.float32)) for v in g.bn_params(4)]
-    outs = g.node("BatchNormalization", [c] + p, n_out=3)
+    outs = g.node("BatchNormalization", [c] + p, n_out=5)  # BatchNormalization-9 has 1 or 5 outputs
     folded, report = fold_model(g.model([outs[0]]))
     assert report.entries[0].reason == "extra_outputs"
     assert count_bn(folded) == 1
@@ -352,15 +352,16 @@ def test_bn_output_to_two_convs_is_skipped():
     assert_skipped(g.model([g.node("Add", [a, b])]), "consumer_output_shared")
 
 
-def test_channel_count_mismatch_is_skipped():
+def test_channel_count_mismatch_model_is_refused():
+    """A BN whose parameters have 2 channels on a 4-channel conv output is an invalid model: onnx.checker rejects
+    it, so bnfold refuses it before planning (it used to be folded-or-skipped with exit 0)."""
     g = G()
     x = g.input("x", [2, 3, 5, 5])
     c = g.conv(x, 3, 4)
     p = [g.const(v[:2].astype(np.float32)) for v in g.bn_params(4)]
     y = g.node("BatchNormalization", [c] + p)
-    folded, report = fold_model(g.model([g.node("Relu", [y])]))
-    assert report.entries[0].reason == "channel_count_mismatch"
-    assert count_bn(folded) == 1
+    with pytest.raises(BnfoldError, match="not a valid ONNX model"):
+        fold_model(g.model([g.node("Relu", [y])]))
 
 
 # ------------------------------------------------------------------------------------------- safety
@@ -531,7 +532,10 @@ def test_opset6_is_test_zero_is_training():
     g = G(opset=6, ir_version=3)
     x = g.input("x", [2, 3, 6, 6])
     y = g.bn(g.conv(x, 3, 4), 4)
-    folded, report = fold_model(g.model([y]))
+    model = g.model([y], out_shapes=[[2, 4, 4, 4]])  # onnx.checker wants the output shape
+    for t in model.graph.initializer:  # and IR 3 its initializers among the inputs
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    folded, report = fold_model(model)
     assert report.entries[0].reason == "training_mode" and count_bn(folded) == 1
 
 
@@ -654,16 +658,21 @@ def test_lowering_uses_the_activation_dtype():
 
 
 def test_unknown_rank_is_skipped():
-    """A MatMul on an input of unknown rank: BN's channel axis cannot be matched to the feature axis."""
+    """A MatMul on a tensor of unknown rank (it comes out of a custom op): BN's channel axis cannot be matched to
+    the feature axis. (A graph input without a shape is rejected by onnx.checker, so the unknown rank comes from
+    inside the graph.)"""
     g = G()
-    g.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))  # no shape at all
-    y = g.node("MatMul", ["x", g.const(g.rand(4, 6))], name="mm")
+    x = g.input("x", [3, 4])
+    g.nodes.append(helper.make_node("Opaque", [x], ["t"], domain="com.example", name="custom"))
+    y = g.node("MatMul", ["t", g.const(g.rand(4, 6))], name="mm")
     p = [g.const(v.astype(np.float32)) for v in g.bn_params(6)]
     out = g.node("BatchNormalization", [y] + p)
     model = helper.make_model(helper.make_graph(g.nodes, "g", g.inputs,
-                                                [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-                                                initializer=g.inits), opset_imports=[helper.make_opsetid("", 17)])
+                                                [helper.make_tensor_value_info(out, TensorProto.FLOAT, [3, 6])],
+                                                initializer=g.inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
     folded, report = fold_model(model)
     assert report.entries[0].reason == "unknown_rank"
     assert graph_fingerprint(folded) == graph_fingerprint(model)
