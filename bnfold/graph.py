@@ -378,7 +378,8 @@ class ModelGraph:
             return self._constant_node(key)
         if n.op_type not in EVAL_OPS:
             inputs = [self.const(self.resolve(key.graph, i), depth + 1) for i in n.input if i]
-            bad = next((v for v in inputs if isinstance(v, NotConst)), None)
+            bad = next((v for v in inputs if isinstance(v, NotConst) and v.kind not in ("too_large", "not_evaluated")),
+                       None)
             if bad is not None:
                 return bad
             return NotConst("not_evaluated", f"'{b.name}' is computed from constants by {n.op_type}, which bnfold "

@@ -386,7 +386,9 @@ class _Editor:
                     del proto.input[idx]
 
     def rebuild_nodes(self) -> None:
-        for gi in sorted(self.touched_graphs):
+        # innermost graphs first (a subgraph's index is larger than its parent's): rebuilding a graph copies its
+        # nodes, subgraph attributes included, so the subgraphs must be final by then
+        for gi in sorted(self.touched_graphs, reverse=True):
             g = self.mg.graphs[gi]
             new = []
             for i, n in enumerate(g.nodes):
