@@ -96,7 +96,13 @@ def test_bf16_weights_are_the_float64_fold_rounded_once():
     from bnfold import formula
     g = G(opset=22, seed=7)
     x = g.input("x", [1, 3, 6, 6])
-    y = g.bn(g.conv(x, 3, 64, pads=[1, 1, 1, 1]), 64)
+    conv = g.conv(x, 3, 64, pads=[1, 1, 1, 1])
+    g.inits[1].CopyFrom(numpy_helper.from_array(np.r_[1.0, g.rand(63)].astype(np.float32), g.inits[1].name))
+    gamma, beta, mean, var = g.bn_params(64)
+    # channel 0: bias' = 1 + 2**-8 + 2**-30 exactly, just above a bf16 tie: rounded once it is 1 + 2**-7, through
+    # float32 (which drops the 2**-30) it would round to even, 1.0
+    gamma[0], var[0], beta[0], mean[0] = 1.0, 1.0, 2.0**-8, -(2.0**-30)
+    y = g.bn(conv, 64, params=[gamma, beta, mean, var], epsilon=0.0)
     m = g.model([y])
     for t in m.graph.initializer:
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(ml_dtypes.bfloat16), t.name))
@@ -109,7 +115,7 @@ def test_bf16_weights_are_the_float64_fold_rounded_once():
     conv = m.graph.node[0]
     bn = m.graph.node[1]
     gamma, beta, mean, var = (src[n] for n in bn.input[1:5])
-    aff = formula.bn_affine(gamma, beta, mean, var, 1e-5)
+    aff = formula.bn_affine(gamma, beta, mean, var, 0.0)
     exact_w = src[conv.input[1]] * aff.scale[:, None, None, None]
     exact_b = src[conv.input[2]] * aff.scale + aff.shift
     out = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
