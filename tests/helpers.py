@@ -194,3 +194,23 @@ def assert_skip_unchanged(model, reason, *, options: FoldOptions | None = None, 
         for r, o in zip(run_ort(model, feeds), run_ort(folded, feeds)):
             assert_close(o, r)
     return report
+
+
+def round_bf16_reference(x: np.ndarray):
+    """Independent correct rounding: of the two bf16 neighbours of each value, the nearer (exact distances in
+    float64), ties to the even one."""
+    import ml_dtypes
+    x = np.asarray(x, np.float64).reshape(-1)
+    out = np.empty(x.shape, ml_dtypes.bfloat16)
+    for i, v in enumerate(x):
+        bits = np.array(v, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        lo = bits.view(np.float32).astype(np.float64)
+        if abs(lo) > abs(v):
+            bits = bits - np.uint32(0x10000)
+            lo = bits.view(np.float32).astype(np.float64)
+        hi_bits = bits + np.uint32(0x10000)
+        hi = hi_bits.view(np.float32).astype(np.float64)
+        d_lo, d_hi = abs(v - lo), abs(hi - v)
+        pick = bits if d_lo < d_hi or (d_lo == d_hi and not (int(bits) >> 16) & 1) else hi_bits
+        out[i] = (np.uint32(pick) >> np.uint32(16)).astype(np.uint16).view(ml_dtypes.bfloat16)
+    return out

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold import BnfoldError, FoldOptions, InvalidStatisticsError, count_bn, fold_model, inspect_model
 from bnfold.onnx_fold import METADATA_KEY
 
-from .helpers import G, assert_close, assert_folds, random_feeds, run_ort, run_reference
+from .helpers import G, assert_close, assert_folds, random_feeds, round_bf16_reference, run_ort, run_reference
 
 
 def graph_fingerprint(model):
@@ -475,6 +475,8 @@ def test_fp16_fp64_models_fold(dtype):
     folded, _ = assert_folds(g.model([y]), expect_folded=1, reference="numpy")
     w = next(t for t in folded.graph.initializer if len(t.dims) == 4)
     assert w.data_type == (TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.DOUBLE)
+    if dtype == np.float16:  # bit for bit: the float64 fold rounded once (numpy rounds float64 -> float16 directly)
+        _assert_rounded_once(g.model([y]), folded, lambda v: v.astype(np.float16))
 
 
 def test_bf16_model_folds():
@@ -493,11 +495,25 @@ def test_bf16_model_folds():
     onnx.checker.check_model(folded, full_check=True)
     w = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     assert all(v.dtype == ml_dtypes.bfloat16 for v in w.values())
-    # numbers: the bf16 weights must equal the float64 fold rounded once to bf16
-    f32, _ = fold_model(m32)
-    w32 = {t.name: numpy_helper.to_array(t) for t in f32.graph.initializer}
-    for k, v in w.items():
-        np.testing.assert_allclose(v.astype(np.float64), w32[k].astype(np.float64), rtol=1e-2, atol=1e-2)
+    # numbers, bit for bit: the bf16 weights equal the float64 fold rounded once to bf16 (the old 1e-2 tolerance
+    # hid a double rounding through float32)
+    _assert_rounded_once(m, folded, lambda v: round_bf16_reference(v))
+
+
+def _assert_rounded_once(model, folded, round_once):
+    from bnfold import formula
+    src = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    conv, bn = model.graph.node[0], model.graph.node[1]
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    aff = formula.bn_affine(*(src[n] for n in bn.input[1:5]), eps)
+    exact_w = src[conv.input[1]] * aff.scale[:, None, None, None]
+    exact_b = src[conv.input[2]] * aff.scale + aff.shift
+    out = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    fc = folded.graph.node[0]
+    for got, exact in ((out[fc.input[1]], exact_w), (out[fc.input[2]], exact_b)):
+        want = np.asarray(round_once(exact)).reshape(got.shape)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_fp16_overflow_is_skipped():

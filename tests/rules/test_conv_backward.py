@@ -11,7 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold import fold_model
 from bnfold.planner import plan
 
-from ..helpers import G, assert_close, assert_folds, assert_skip_unchanged, random_feeds, run_ort
+from ..helpers import (
+    G,
+    assert_close,
+    assert_folds,
+    assert_skip_unchanged,
+    random_feeds,
+    round_bf16_reference,
+    run_ort,
+)
 
 
 @pytest.mark.parametrize("transpose,group", [(False, 1), (False, 3), (True, 1), (True, 3)])
@@ -121,26 +129,6 @@ def test_bf16_weights_are_the_float64_fold_rounded_once():
     out = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     fc = folded.graph.node[0]
     for got, exact in ((out[fc.input[1]], exact_w), (out[fc.input[2]], exact_b)):
-        want = _round_bf16_reference(exact).reshape(got.shape)
+        want = round_bf16_reference(exact).reshape(got.shape)
         assert got.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
-
-
-def _round_bf16_reference(x: np.ndarray):
-    """Independent correct rounding: of the two bf16 neighbours of each value, the nearer (exact distances in
-    float64), ties to the even one."""
-    import ml_dtypes
-    x = np.asarray(x, np.float64).reshape(-1)
-    out = np.empty(x.shape, ml_dtypes.bfloat16)
-    for i, v in enumerate(x):
-        bits = np.array(v, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
-        lo = bits.view(np.float32).astype(np.float64)
-        if abs(lo) > abs(v):
-            bits = bits - np.uint32(0x10000)
-            lo = bits.view(np.float32).astype(np.float64)
-        hi_bits = bits + np.uint32(0x10000)
-        hi = hi_bits.view(np.float32).astype(np.float64)
-        d_lo, d_hi = abs(v - lo), abs(hi - v)
-        pick = bits if d_lo < d_hi or (d_lo == d_hi and not (int(bits) >> 16) & 1) else hi_bits
-        out[i] = (np.uint32(pick) >> np.uint32(16)).astype(np.uint16).view(ml_dtypes.bfloat16)
-    return out
