@@ -49,7 +49,8 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
         if dst_p.exists() and dst_p.is_dir():
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
     loaded = load_model(src_p)
-    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p))
+    # without --verify the original is not needed again: fold the loaded model in place (no copy)
+    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify)
     if dry_run:
         return report
     if verify:
@@ -141,7 +142,7 @@ def _verify_or_raise(reference, folded, report: FoldReport, verify) -> None:
 
 
 def _release_memory() -> None:
-    """Collect the fold's reference cycles (graphsurgeon graphs) and hand freed memory back to the system, so
+    """Collect the fold's reference cycles and hand freed memory back to the system, so
     that serializing the result does not stack on top of what the fold used."""
     import gc
     gc.collect()
