@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from bnfold import fold_model
 from bnfold.planner import apply, plan
@@ -41,7 +42,11 @@ def test_composition_that_overflows_skips_only_the_second():
     gamma, beta, mean, var = g.bn_params(4)
     gamma[0], var[0] = 60000.0, 1e-3
     y = g.bn(y, 4, name="bn2", params=[gamma, beta, mean, var])
-    folded, report = assert_folds(g.model([y]), expect_bn=1, reference="numpy")
+    model = g.model([y])
+    folded, report = fold_model(model)
+    # numbers are not compared: the original itself overflows float16 there (that is the point)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "BatchNormalization"]
     assert [(e.bn, e.status, e.reason) for e in report.entries] == [("bn1", "folded", None),
                                                                      ("bn2", "skipped", "cast_overflow")]
 
