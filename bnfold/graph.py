@@ -133,9 +133,7 @@ class ModelGraph:
         self._walk(model.graph, None, None, "")
         self.uses: dict[Binding, list[Use]] = {}
         self._resolve_uses()
-        if size_bound is None:
-            size_bound = max(_MIN_EVAL_BYTES, sum(_tensor_nbytes(t) for g in self.graphs for t in g.inits.values()))
-        self.size_bound = size_bound
+        self._size_bound = size_bound
         self._const: dict[Binding, np.ndarray | NotConst] = {}
         self._attrs: dict[NodeKey, dict] = {}
         self._inferred: dict[Binding, onnx.TypeProto] | None = None
@@ -183,6 +181,14 @@ class ModelGraph:
                 b = self.resolve(g.index, name)
                 if b is not None:
                     self.uses.setdefault(b, []).append(Use(g.index, None, k))
+
+    @property
+    def size_bound(self) -> int:
+        """Bytes a computed constant may take: the model's initializer bytes, at least 1 MiB (computed once,
+        when first needed)."""
+        if self._size_bound is None:
+            self._size_bound = max(_MIN_EVAL_BYTES, sum(t.ByteSize() for g in self.graphs for t in g.inits.values()))
+        return self._size_bound
 
     # ------------------------------------------------------------------ lookups
     def resolve(self, graph: int, name: str) -> Binding | None:
@@ -322,7 +328,7 @@ class ModelGraph:
         for f in ("node", "input", "output", "value_info", "sparse_initializer"):
             getattr(light.graph, f).extend(getattr(src, f))
         for t in src.initializer:
-            if _tensor_nbytes(t) > 4096 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            if t.ByteSize() > 4096 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
                 stub = light.graph.initializer.add()
                 stub.name, stub.data_type = t.name, t.data_type
                 stub.dims.extend(t.dims)
@@ -402,7 +408,8 @@ class ModelGraph:
                 shape = self.shape(ib) if ib is not None else None
                 if shape is None or any(d is None for d in shape):
                     return NotConst("input", f"the shape of '{name}' is not static")
-                inputs.append(np.zeros(shape, np.float32) if np.prod(shape) * 4 <= self.size_bound else None)
+                small = np.prod(shape, dtype=np.float64) * 4 <= _MIN_EVAL_BYTES
+                inputs.append(np.zeros(shape, np.float32) if small or np.prod(shape) * 4 <= self.size_bound else None)
                 if inputs[-1] is None:
                     return NotConst("too_large", f"'{name}' is too large to evaluate")
                 continue
@@ -411,7 +418,7 @@ class ModelGraph:
                 return v
             inputs.append(v)
         est = _estimate_bytes(n.op_type, inputs, self.attrs(key))
-        if est is None or est > self.size_bound:
+        if est is None or (est > _MIN_EVAL_BYTES and est > self.size_bound):
             return NotConst("too_large", f"'{b.name}' ({n.op_type}) would take "
                             f"{'an unknown number of' if est is None else f'{est:,}'} bytes, more than the bound of "
                             f"{self.size_bound:,} bytes (the model's size)")
@@ -435,10 +442,6 @@ class ModelGraph:
             if a.name == "value_ints":
                 return np.array(list(a.ints), np.int64)
         return NotConst("not_evaluated", f"Constant {self.label(key)} holds a sparse or string value")
-
-
-def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    return len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
 
 
 def _estimate_bytes(op: str, inputs: list, attrs: dict) -> int | None:
@@ -467,7 +470,71 @@ def _estimate_bytes(op: str, inputs: list, attrs: dict) -> int | None:
 
 
 def _evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> list[np.ndarray]:
-    """Run one node on constant inputs with onnx's reference evaluator."""
+    """Run one node of :data:`EVAL_OPS` on constant inputs: in numpy for the common forms, else with onnx's
+    reference evaluator (slow to start: it imports every op)."""
+    out = _evaluate_numpy(node, inputs, opset)
+    if out is not None:
+        return [out]
+    return _evaluate_reference(node, inputs, opset)
+
+
+def _evaluate_numpy(node: onnx.NodeProto, inputs: list, opset: int) -> np.ndarray | None:
+    op = node.op_type
+    a = attrs_of(node)
+    x = inputs[0] if inputs else None
+
+    def axes_of(k):
+        if "axes" in a:
+            return [int(v) for v in a["axes"]]
+        if len(inputs) > k and inputs[k] is not None:
+            return [int(v) for v in np.asarray(inputs[k]).reshape(-1)]
+        return None
+    if op == "Identity":
+        return np.asarray(x)
+    if op == "Cast":
+        return np.asarray(x).astype(helper.tensor_dtype_to_np_dtype(int(a["to"])))
+    if op == "CastLike":
+        return np.asarray(x).astype(inputs[1].dtype)
+    if op == "ConstantOfShape":
+        value = numpy_helper.to_array(a["value"]).reshape(-1) if "value" in a else np.zeros(1, np.float32)
+        return np.full([int(d) for d in np.asarray(x).reshape(-1)], value[0], dtype=value.dtype)
+    if op == "Expand":
+        shape = [int(d) for d in np.asarray(inputs[1]).reshape(-1)]
+        return np.array(np.broadcast_to(x, np.broadcast_shapes(np.shape(x), tuple(shape))))
+    if op == "Reshape":
+        shape = [int(d) for d in np.asarray(inputs[1]).reshape(-1)] if len(inputs) > 1 else list(a.get("shape", []))
+        if not a.get("allowzero", 0):
+            shape = [np.shape(x)[i] if d == 0 else d for i, d in enumerate(shape)]
+        return np.asarray(x).reshape(shape)
+    if op == "Unsqueeze":
+        axes = axes_of(1)
+        rank = np.ndim(x) + len(axes)
+        return np.expand_dims(x, tuple(sorted(ax % rank for ax in axes)))
+    if op == "Squeeze":
+        axes = axes_of(1)
+        return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(ax % np.ndim(x) for ax in axes))
+    if op == "Flatten":
+        axis = int(a.get("axis", 1)) % (np.ndim(x) + 1) if np.ndim(x) else 0
+        lead = int(np.prod(np.shape(x)[:axis], dtype=np.int64))
+        return np.asarray(x).reshape(lead, -1)
+    if op == "Concat":
+        return np.concatenate([np.asarray(v) for v in inputs if v is not None], axis=int(a["axis"]))
+    if op == "Transpose":
+        perm = a.get("perm")
+        return np.transpose(x, None if perm is None else [int(p) for p in perm])
+    if op == "Shape":
+        shape = np.shape(x)
+        start, end = a.get("start", 0), a.get("end", None)
+        return np.array(shape[start:end], np.int64)
+    if op == "Size":
+        return np.array(np.size(x), np.int64)
+    if op == "Gather":
+        idx = np.asarray(inputs[1])
+        return np.take(x, idx, axis=int(a.get("axis", 0)))
+    return None  # Slice and anything unusual: the reference evaluator
+
+
+def _evaluate_reference(node: onnx.NodeProto, inputs: list, opset: int) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
     names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]

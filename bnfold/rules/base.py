@@ -68,9 +68,13 @@ class Param:
                 formula.cast_checked(self.value, self.dtype, what=what)
                 return
             limit = float(np.finfo(self.dtype).max) if self.dtype.kind == "f" else 3.3e38
-            bound = float(np.max(np.abs(self.base), initial=0.0)) * float(np.max(np.abs(self.factor), initial=0.0))
-            if np.isfinite(bound) and bound < limit * 0.99:
-                return
+            fmax = float(np.max(np.abs(self.factor), initial=0.0))
+            if fmax <= 1.0 and np.dtype(self.base.dtype) == self.dtype:
+                return  # |base * factor| <= |base|, which fits
+            if self.base.size:
+                wmax = max(abs(float(np.max(self.base))), abs(float(np.min(self.base))))  # no temporary copy
+                if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
+                    return
             self.materialize(what)
         except formula.CastOverflow as exc:
             raise Skip("cast_overflow", str(exc)) from None
