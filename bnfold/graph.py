@@ -370,7 +370,7 @@ class ModelGraph:
             if self.is_overridable(b):
                 return NotConst("overridable", f"'{b.name}' is an initializer that is also a graph input: the "
                                 "caller may override it")
-            return numpy_helper.to_array(g.inits[b.name])
+            return _to_array(g.inits[b.name])
         p = self.producer(b)
         if p is None:
             return NotConst("input", f"'{b.name}' is a graph input")
@@ -432,7 +432,7 @@ class ModelGraph:
     def _constant_node(self, key: NodeKey) -> np.ndarray | NotConst:
         for a in self.node(key).attribute:
             if a.name == "value":
-                return numpy_helper.to_array(a.t)
+                return _to_array(a.t)
             if a.name == "value_float":
                 return np.array(a.f, np.float32)
             if a.name == "value_floats":
@@ -442,6 +442,15 @@ class ModelGraph:
             if a.name == "value_ints":
                 return np.array(list(a.ints), np.int64)
         return NotConst("not_evaluated", f"Constant {self.label(key)} holds a sparse or string value")
+
+
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:  # data that does not match the dims: the checker does not look at tensor data
+        from bnfold.errors import BnfoldError
+        raise BnfoldError(f"initializer '{t.name}' is corrupted ({str(exc)[:200]}); fix or re-export the model") \
+            from None
 
 
 def _estimate_bytes(op: str, inputs: list, attrs: dict) -> int | None:

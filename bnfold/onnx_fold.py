@@ -47,7 +47,8 @@ class FoldOptions:
 
 def check_input(model: onnx.ModelProto, name: str = "") -> None:
     """Refuse (:class:`BnfoldError`, the checker's message) a model the full onnx.checker rejects, or whose
-    tensors or attributes are corrupted in ways the checker does not look at."""
+    string attributes are not text. (Tensor data that does not match its dims, which the checker does not look
+    at, is refused when a fold reads it: :meth:`bnfold.graph.ModelGraph.const`.)"""
     from bnfold.check import checker_error
 
     label = name or "model"
@@ -63,34 +64,7 @@ def check_input(model: onnx.ModelProto, name: str = "") -> None:
                     except UnicodeDecodeError:
                         raise BnfoldError(f"{label}: attribute '{a.name}' of node '{node.name or node.op_type}' "
                                           "is not valid UTF-8 text; the file is corrupted") from None
-        for t in g.initializer:
-            _check_tensor(t, label)
 
-
-def _check_tensor(t: onnx.TensorProto, label: str) -> None:
-    """The checker does not compare tensor data with its dims: a raw tensor must hold exactly its bytes."""
-    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in (onnx.TensorProto.STRING, 0):
-        return
-    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-    try:
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-    except (KeyError, ValueError):
-        raise BnfoldError(f"{label}: initializer '{t.name}' has an unknown data type {t.data_type}") from None
-    if t.HasField("raw_data"):
-        itemsize = np.dtype(np_dtype).itemsize
-        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorProto, "FLOAT4E2M1", -1)):
-            expected = (n + 1) // 2
-        else:
-            expected = n * itemsize
-        if len(t.raw_data) != expected:
-            raise BnfoldError(f"{label}: initializer '{t.name}' is corrupted ({len(t.raw_data)} bytes of data for "
-                              f"shape {list(t.dims)}); fix or re-export the model")
-        return
-    try:
-        onnx.numpy_helper.to_array(t)
-    except Exception as exc:
-        raise BnfoldError(f"{label}: initializer '{t.name}' is corrupted ({str(exc)[:200]}); fix or re-export the "
-                          "model") from None
 
 
 def _walk_graphs(graph: onnx.GraphProto):

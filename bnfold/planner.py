@@ -25,7 +25,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold import formula
-from bnfold.graph import Binding, ModelGraph, NodeKey, NotConst, is_default_domain, is_float_dtype, source_layers
+from bnfold.graph import (
+    Binding,
+    ModelGraph,
+    NodeKey,
+    NotConst,
+    is_default_domain,
+    is_float_dtype,
+    source_layers,
+)
 from bnfold.report import FoldEntry, FoldReport
 from bnfold.rules import (
     affine_chain,

@@ -16,10 +16,18 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import BnfoldError, count_bn, fold_model, fold_onnx_file, inspect_model
+from bnfold import BnfoldError, count_bn, fold_model, inspect_model
 from bnfold.cli.main import main
 
-from .helpers import G, assert_close, assert_folds, assert_skip_unchanged, random_feeds, run_ort, strip_fold_metadata
+from .helpers import (
+    G,
+    assert_close,
+    assert_folds,
+    assert_skip_unchanged,
+    random_feeds,
+    run_ort,
+    strip_fold_metadata,
+)
 
 
 # ------------------------------------------------------------------------------------------- scoping
