@@ -25,7 +25,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = None) -> FoldReport:
     """What folding ``path`` would do to each BatchNorm; writes nothing."""
     loaded = load_model(path)
-    return fold_model(loaded.model, options, dry_run=True, name=str(path))[1]
+    return fold_model(loaded.model, options, dry_run=True, name=str(path), source_path=path)[1]
 
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
@@ -50,7 +50,8 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
     loaded = load_model(src_p)
     # without --verify the original is not needed again: fold the loaded model in place (no copy)
-    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify)
+    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
+                                source_path=src_p)
     if dry_run:
         return report
     if verify:

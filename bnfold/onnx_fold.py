@@ -45,14 +45,15 @@ class FoldOptions:
     lower_standalone: bool = False  #: rewrite a BN with no foldable neighbour as Mul+Add
 
 
-def check_input(model: onnx.ModelProto, name: str = "") -> None:
+def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> None:
     """Refuse (:class:`BnfoldError`, the checker's message) a model the full onnx.checker rejects, or whose
     string attributes are not text. (Tensor data that does not match its dims, which the checker does not look
     at, is refused when a fold reads it: :meth:`bnfold.graph.ModelGraph.const`.)"""
     from bnfold.check import checker_error
 
     label = name or "model"
-    err = checker_error(model)
+    # the file the model was loaded from, when given, is checked as a file (no re-serialization of the model)
+    err = checker_error(source_path if source_path is not None else model)
     if err is not None:
         raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it")
     for g in _walk_graphs(model.graph):
@@ -89,12 +90,13 @@ def plan_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, na
 
 
 def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, dry_run: bool = False,
-               name: str = "", inplace: bool = False) -> tuple[onnx.ModelProto | None, FoldReport]:
+               name: str = "", inplace: bool = False, source_path=None) -> tuple[onnx.ModelProto | None, FoldReport]:
     """Fold the BatchNorms of ``model``. Returns ``(folded_model, report)``; the folded model is None for a
     dry run. ``model`` itself is modified only with ``inplace=True`` (then the folded model *is* ``model``).
+    ``source_path``: the unmodified file ``model`` was loaded from (the checker then reads the file).
     Raises :class:`BnfoldError` on invalid statistics or a model onnx.checker rejects."""
     options = options or FoldOptions()
-    check_input(model, name)
+    check_input(model, name, source_path=source_path)
     if dry_run:
         p = planner.plan(model, _plan_options(options))
         return None, p.report(name=name, dry_run=True)
