@@ -237,7 +237,8 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
         return reshape_backward.match(ctx, pkey, site, x, y, affine)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
     absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
-    return Match("backward", "backward", into, pkey if pnode.op_type != "Add" else absorbs[0].node,
+    rule = layers.module_for(ctx, pkey).__name__.rsplit(".", 1)[-1]
+    return Match(rule, "backward", into, pkey if pnode.op_type != "Add" else absorbs[0].node,
                  absorbs=absorbs, remove=[site], set_output=[(pkey, pslot, y.name)], redirect_dtype=(x, y.name),
                  produced=(y, (pkey, pslot)))
 
@@ -280,14 +281,14 @@ def _forward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine) -> Mat
         if zuses[0].slot != 0:
             raise Skip("channel_axis_mismatch", f"{mg.label(q)} feeds the weight of {ctx.op(q2)}")
         absorbs, into = gemm_forward.absorb(ctx, q2, affine, flattened=True)
-        into_node = q2
+        into_node, rule = q2, "gemm_forward"
     elif op == "Conv":
         absorbs, into = conv_forward.absorb(ctx, q, affine)
-        into_node = q
+        into_node, rule = q, "conv_forward"
     else:
         absorbs, into = gemm_forward.absorb(ctx, q, affine, rank=mg.rank(x) if op == "MatMul" else None)
-        into_node = q
-    return Match("forward", "forward", into, into_node, absorbs=absorbs, remove=[site],
+        into_node, rule = q, "gemm_forward"
+    return Match(rule, "forward", into, into_node, absorbs=absorbs, remove=[site],
                  set_input=[(q, 0, x.name)], redirect_dtype=(y, x.name))
 
 
