@@ -225,7 +225,7 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
         raise Skip("no_foldable_neighbour", "input is a graph input", applicable=False)
     pkey, pslot = p
     pnode = mg.node(pkey)
-    special = pnode.op_type in ("Concat", "Reshape") and is_default_domain(pnode)
+    special = pnode.op_type in ("Concat", "Reshape", "Transpose") and is_default_domain(pnode)
     if not special and layers.module_for(ctx, pkey) is None:
         raise Skip("no_foldable_neighbour", f"producer {pnode.op_type} cannot absorb it", applicable=False)
     if len(mg.real_uses(x)) != 1:
@@ -233,7 +233,7 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
                    "output); folding would change what the other users see")
     if pnode.op_type == "Concat":
         return concat_backward.match(ctx, pkey, site, x, y, affine, mg.rank(x))
-    if pnode.op_type == "Reshape":
+    if pnode.op_type in reshape_backward.OPS:
         return reshape_backward.match(ctx, pkey, site, x, y, affine)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
     absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
