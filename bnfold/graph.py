@@ -190,6 +190,11 @@ class ModelGraph:
             self._size_bound = max(_MIN_EVAL_BYTES, sum(t.ByteSize() for g in self.graphs for t in g.inits.values()))
         return self._size_bound
 
+    @staticmethod
+    def read(t: onnx.TensorProto) -> np.ndarray:
+        """A stored tensor's values, read afresh (not cached)."""
+        return _to_array(t)
+
     # ------------------------------------------------------------------ lookups
     def resolve(self, graph: int, name: str) -> Binding | None:
         """The binding a read of ``name`` in graph ``graph`` sees (innermost scope first); None if unbound."""
@@ -383,13 +388,10 @@ class ModelGraph:
         if n.op_type == "Constant":
             return self._constant_node(key)
         if n.op_type not in EVAL_OPS:
-            inputs = [self.const(self.resolve(key.graph, i), depth + 1) for i in n.input if i]
-            bad = next((v for v in inputs if isinstance(v, NotConst) and v.kind not in ("too_large", "not_evaluated")),
-                       None)
-            if bad is not None:
-                return bad
-            return NotConst("not_evaluated", f"'{b.name}' is computed from constants by {n.op_type}, which bnfold "
-                            "does not evaluate")
+            # not followed further: whatever its inputs are, bnfold does not evaluate this op (and walking up
+            # through it would read weights and recurse through the whole graph)
+            return NotConst("not_evaluated", f"'{b.name}' is computed by {n.op_type}, which bnfold does not "
+                            "evaluate")
         if depth > _MAX_EVAL_DEPTH:
             return NotConst("not_evaluated", f"'{b.name}' is computed by too long a chain of ops")
         inputs: list[np.ndarray | None] = []

@@ -65,3 +65,16 @@ def test_plan_predicts_apply_and_changes_nothing():
     assert planned == [(e.bn, e.status, e.reason, e.into) for e in report.entries]
     apply(p)  # applying mutates the planned model itself
     assert model.SerializeToString() != before and sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 1
+
+
+def test_deep_graph_does_not_recurse_through_non_constant_ops():
+    """A Mul by a constant after 1,500 Relus: asking whether the Mul's other input is constant stops at the first
+    op bnfold does not evaluate (it used to walk up the whole graph: RecursionError, and every weight read)."""
+    g = G(seed=44)
+    x = g.input("x", [1, 3, 4, 4])
+    y = g.bn(g.conv(x, 3, 4, pads=[1, 1, 1, 1]), 4)
+    for _ in range(1500):
+        y = g.node("Relu", [y])
+    y = g.node("Mul", [y, g.const(np.full((4, 1, 1), 2.0, np.float32))])
+    folded, report = assert_folds(g.model([y]), expect_folded=1)
+    assert report.affine_folded == 0

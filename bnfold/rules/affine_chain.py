@@ -19,10 +19,9 @@ def producer_axis(ctx: Context, producer: NodeKey, out: Binding) -> tuple[int | 
     """(rank, channel axis) of a producer's output."""
     op = ctx.op(producer)
     if op in ("Conv", "ConvTranspose"):
-        w = ctx.const(ctx.mg.input_binding(producer, 1))
-        if isinstance(w, NotConst):
-            return ctx.mg.rank(out), 1
-        return w.ndim, 1
+        wb = ctx.mg.input_binding(producer, 1)
+        r = ctx.mg.rank(wb) if wb is not None else None  # from the weight's dims: no need to read its data
+        return (r if r is not None else ctx.mg.rank(out)), 1
     if op == "Gemm":
         return 2, 1
     r = ctx.mg.rank(out)

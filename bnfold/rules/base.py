@@ -37,9 +37,16 @@ class Param:
     float64 factor, so a weight is never copied to float64 and is rounded once) or a float64 ``value``."""
 
     dtype: np.dtype
-    base: np.ndarray | None = None
+    stored: np.ndarray | None = None
     factor: np.ndarray | float = 1.0
     value: np.ndarray | None = None
+    #: reads a stored initializer's values when needed (the plan does not hold every weight in memory)
+    loader: object = None
+    stored_shape: tuple | None = None
+
+    @property
+    def base(self) -> np.ndarray:
+        return self.stored if self.stored is not None else self.loader()
 
     def f64(self) -> np.ndarray:
         if self.value is not None:
@@ -48,12 +55,15 @@ class Param:
 
     @property
     def shape(self) -> tuple:
-        return tuple(np.shape(self.value if self.value is not None else self.base))
+        if self.value is not None:
+            return tuple(np.shape(self.value))
+        return self.stored_shape if self.stored is None else tuple(np.shape(self.stored))
 
     def scaled(self, factor: np.ndarray) -> Param:
         if self.value is not None:
             return Param(self.dtype, value=self.value * factor)
-        return Param(self.dtype, base=self.base, factor=self.factor * factor)
+        return Param(self.dtype, stored=self.stored, factor=self.factor * factor, loader=self.loader,
+                     stored_shape=self.stored_shape)
 
     def materialize(self, what: str) -> np.ndarray:
         if self.value is not None:
@@ -69,13 +79,14 @@ class Param:
                 return
             limit = float(np.finfo(self.dtype).max) if self.dtype.kind == "f" else 3.3e38
             fmax = float(np.max(np.abs(self.factor), initial=0.0))
-            if fmax <= 1.0 and np.dtype(self.base.dtype) == self.dtype:
-                return  # |base * factor| <= |base|, which fits
-            if self.base.size:
-                wmax = max(abs(float(np.max(self.base))), abs(float(np.min(self.base))))  # no temporary copy
+            if fmax <= 1.0:
+                return  # |base * factor| <= |base|, which fits: the stored weight has the model's dtype
+            base = self.base
+            if base.size:
+                wmax = max(abs(float(np.max(base))), abs(float(np.min(base))))  # no temporary copy
                 if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
                     return
-            self.materialize(what)
+            formula.scale_cast(base, np.asarray(self.factor, np.float64), self.dtype, what=what)
         except formula.CastOverflow as exc:
             raise Skip("cast_overflow", str(exc)) from None
 
@@ -155,13 +166,19 @@ class Context:
             if optional:
                 return None
             raise Skip("producer_weight_not_constant", f"{self.mg.label(key)} has no {what}")
+        init = self.mg.graphs[b.graph].inits.get(b.name)
+        if slot == 1 and init is not None and not self.mg.is_overridable(b) and init.ByteSize() > 1 << 16:
+            # a large stored weight: read when applied, not held by the plan
+            dtype = self.mg.np_dtype(b)
+            if dtype is not None and is_float_dtype(dtype):
+                return Param(np.dtype(dtype), loader=lambda t=init: self.mg.read(t), stored_shape=tuple(init.dims))
         v = self.mg.const(b)
         if isinstance(v, NotConst):
             raise not_const_skip(v, f"the {what} of {self.mg.label(key)}", weight=True)
         if not is_float_dtype(v.dtype):
             raise Skip("unsupported_dtype", f"the {what} of {self.mg.label(key)} is {v.dtype}, not floating point")
         if slot == 1:
-            return Param(np.dtype(v.dtype), base=v)
+            return Param(np.dtype(v.dtype), stored=v)
         return Param(np.dtype(v.dtype), value=np.asarray(v, np.float64))
 
 

@@ -132,3 +132,23 @@ def test_bf16_weights_are_the_float64_fold_rounded_once():
         want = round_bf16_reference(exact).reshape(got.shape)
         assert got.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_large_weight_is_read_when_applied(shared):
+    """A weight over 64 KiB is not held by the plan: it is read again when the plan is applied (the same numbers
+    either way; a shared large weight still gets a private copy)."""
+    g = G(seed=8)
+    x = g.input("x", [1, 64, 6, 6])
+    w = g.const(g.rand(96, 64, 3, 3, scale=0.05), name="big_w")
+    a = g.bn(g.node("Conv", [x, w], name="a", pads=[1, 1, 1, 1]), 96)
+    b = g.bn(g.node("Relu", [a]), 96)
+    outs = [g.conv(b, 96, 8, k=1, name="c")]
+    if shared:
+        outs.append(g.node("Conv", [x, w], name="other"))
+    model = g.model(outs)
+    assert model.graph.initializer[0].ByteSize() > 1 << 16
+    folded, report = assert_folds(model, expect_folded=2)
+    assert [e.direction for e in report.entries] == ["backward", "forward"]
+    conv_a = next(n for n in folded.graph.node if n.name == "a")
+    assert (conv_a.input[1] == "big_w") == (not shared)  # rewritten in place unless another conv reads it
