@@ -27,6 +27,8 @@ def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "m.onnx")
                 onnx.save_model(model, p, save_as_external_data=True, location="m.data")
+                # saving converted the caller's tensors to external references in place: read them back
+                onnx.load_external_data_for_model(model, d)
                 onnx.checker.check_model(p, full_check=True)
         else:
             onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)

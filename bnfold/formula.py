@@ -189,9 +189,27 @@ class CastOverflow(ValueError):
     """A folded float64 value does not fit the model's dtype."""
 
 
+def round_to(values, dtype) -> np.ndarray:
+    """``values`` rounded once, to nearest (ties to even), to ``dtype``. numpy and ml_dtypes cast float64 to
+    bfloat16 (and the other ml_dtypes floats) through float32, rounding twice; here the float32 step rounds to
+    odd (truncate, then set the last bit when inexact), which makes the second rounding the correct one."""
+    dtype = np.dtype(dtype)
+    v = np.asarray(values)
+    if dtype in _NATIVE_FLOATS or v.dtype != np.float64 or dtype.itemsize > 2 or dtype.kind in "iub":
+        return v.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = v.astype(np.float32)
+        f64 = f.astype(np.float64)
+        away = np.isfinite(v) & (np.abs(f64) > np.abs(v))
+        f = np.where(away, np.nextafter(f, np.float32(0)), f)
+        inexact = np.isfinite(v) & (f.astype(np.float64) != v)
+    bits = f.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(np.float32).astype(dtype)
+
+
 def cast_checked(values: np.ndarray, dtype, *, what: str) -> np.ndarray:
     """Cast float64 ``values`` to ``dtype`` once; raise :class:`CastOverflow` if a finite value becomes inf."""
-    out = np.asarray(values).astype(dtype)
+    out = round_to(values, dtype)
     if np.issubdtype(np.asarray(values).dtype, np.floating):
         finite_in = np.isfinite(values)
         finite_out = np.isfinite(out.astype(np.float64))

@@ -32,6 +32,12 @@ REASONS: dict[str, str] = {
     "cast_overflow": "a folded value overflows the model's dtype",
     "unsupported_dtype": "the tensors have a dtype that cannot be folded (not floating point)",
     "inside_function": "the BatchNormalization lives in a model-local function, which bnfold does not rewrite",
+    "overridable_initializer": "a parameter is an initializer that is also a graph input: the caller may override "
+                               "it, so it is not a constant",
+    "quantized_weight": "the layer's weight is dequantized in the graph (DequantizeLinear): folding would turn the "
+                        "quantized weight into a float one",
+    "constant_too_large": "a parameter is computed from constants, but the result would exceed the size bound "
+                          "(the model's own size)",
     # PyTorch front end
     "module_reused": "the conv/linear module is called more than once",
     "parameters_tied": "the conv/linear parameters are shared with another module",

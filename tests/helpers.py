@@ -165,3 +165,52 @@ def assert_folds(model, *, expect_bn=0, feeds=None, options: FoldOptions | None 
     for r, o in zip(ref, out):
         assert_close(o, r, low_precision=low)
     return folded, report
+
+
+def strip_fold_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the fold record bnfold adds to ``metadata_props``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [p for p in m.metadata_props if p.key != "bnfold"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    return m
+
+
+def assert_skip_unchanged(model, reason, *, options: FoldOptions | None = None, op="BatchNormalization",
+                          feeds=None, run=True):
+    """Every entry ``op`` is skipped, the first with ``reason``, and the folded model is byte for byte the input
+    (apart from bnfold's metadata record); numbers are then trivially equal, but are checked when ``run``."""
+    before = model.SerializeToString()
+    folded, report = fold_model(model, options)
+    assert model.SerializeToString() == before, "fold_model modified its input"
+    entries = [e for e in report.entries if e.op == op]
+    assert entries and all(e.status == "skipped" for e in entries), report.to_dict()
+    assert entries[0].reason == reason, report.to_dict()
+    assert strip_fold_metadata(folded).SerializeToString() == before, "a skipped fold changed the model"
+    onnx.checker.check_model(folded, full_check=True)
+    if run:
+        feeds = feeds if feeds is not None else random_feeds(model)
+        for r, o in zip(run_ort(model, feeds), run_ort(folded, feeds)):
+            assert_close(o, r)
+    return report
+
+
+def round_bf16_reference(x: np.ndarray):
+    """Independent correct rounding: of the two bf16 neighbours of each value, the nearer (exact distances in
+    float64), ties to the even one."""
+    import ml_dtypes
+    x = np.asarray(x, np.float64).reshape(-1)
+    out = np.empty(x.shape, ml_dtypes.bfloat16)
+    for i, v in enumerate(x):
+        bits = np.array(v, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        lo = bits.view(np.float32).astype(np.float64)
+        if abs(lo) > abs(v):
+            bits = bits - np.uint32(0x10000)
+            lo = bits.view(np.float32).astype(np.float64)
+        hi_bits = bits + np.uint32(0x10000)
+        hi = hi_bits.view(np.float32).astype(np.float64)
+        d_lo, d_hi = abs(v - lo), abs(hi - v)
+        pick = bits if d_lo < d_hi or (d_lo == d_hi and not (int(bits) >> 16) & 1) else hi_bits
+        out[i] = (np.uint32(pick) >> np.uint32(16)).astype(np.uint16).view(ml_dtypes.bfloat16)
+    return out

@@ -42,6 +42,40 @@ def seeds() -> list[onnx.ModelProto]:
     return out
 
 
+def extra_seeds() -> list[onnx.ModelProto]:
+    """Issue 12's cases as fuzz seeds: If branches shadowing the main graph's 'W', overridable initializers, a
+    Q/DQ weight."""
+    out = []
+
+    def branch(name, seed):
+        sub = G(seed=seed, prefix=f"{name}_")
+        w = sub.const(sub.rand(4, 3, 3, 3), name="W")
+        y = sub.bn(sub.node("Conv", ["x", w], name=f"{name}_conv", pads=[1, 1, 1, 1]), 4)
+        return helper.make_graph(sub.nodes, name, [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+                                 initializer=sub.inits)
+    g = G(seed=4)
+    g.input("x", [1, 3, 5, 5])
+    cond = g.input("cond", [], dtype=np.float32)
+    b = g.node("Greater", [cond, g.const(np.array(0.0, np.float32))])
+    main = g.bn(g.node("Conv", ["x", g.const(g.rand(4, 3, 3, 3), name="W")], pads=[1, 1, 1, 1]), 4)
+    y = g.node("If", [b], then_branch=branch("then", 5), else_branch=branch("else", 6))
+    out.append(g.model([g.node("Add", [main, y])], out_shapes=[[1, 4, 5, 5]]))
+    g = G(seed=7)
+    x = g.input("x", [1, 3, 5, 5])
+    y = g.bn(g.conv(x, 3, 4, pads=[1, 1, 1, 1]), 4)
+    y = g.bn(g.conv(g.node("Relu", [y]), 4, 4, k=1), 4)
+    m = g.model([y])
+    for t in list(m.graph.initializer)[::3]:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out.append(m)
+    g = G(seed=8)
+    x = g.input("x", [1, 3, 5, 5])
+    wq = g.const(np.random.default_rng(8).integers(-100, 100, (4, 3, 3, 3)).astype(np.int8))
+    w = g.node("DequantizeLinear", [wq, g.const(np.array(0.02, np.float32))])
+    out.append(g.model([g.bn(g.node("Conv", [x, w]), 4)]))
+    return out
+
+
 def run_tools(path, tmp_path, counters):
     """inspect + fold: success or BnfoldError, nothing else; a valid runnable mutant must fold correctly."""
     try:
@@ -148,7 +182,7 @@ def mutate_graph(model: onnx.ModelProto, rng: random.Random) -> onnx.ModelProto:
 def test_fuzz_inspect_and_fold(tmp_path, kind):
     rng = random.Random(1234 if kind == "bytes" else 4321)
     counters = {k: 0 for k in ("inspect_ok", "inspect_refused", "fold_ok", "fold_refused", "compared")}
-    bases = seeds()
+    bases = seeds() + extra_seeds()
     path = tmp_path / "mutant.onnx"
     for i in range(N):
         base = bases[i % len(bases)]
@@ -167,6 +201,16 @@ def test_fuzz_inspect_and_fold(tmp_path, kind):
     print(f"\nfuzz[{kind}] {N} mutants: {counters}")
     assert counters["fold_ok"] + counters["fold_refused"] == N
     assert counters["fold_refused"] > 0 and (kind == "bytes" or counters["compared"] > 0)
+
+
+def test_extra_seeds_are_valid_and_fold_correctly():
+    for m in extra_seeds():
+        onnx.checker.check_model(m, full_check=True)
+        folded, report = fold_model(m)
+        onnx.checker.check_model(folded, full_check=True)
+        feeds = random_feeds(m)
+        for r, o in zip(run_ort(m, feeds), run_ort(folded, feeds)):
+            assert_close(o, r)
 
 
 def test_seeds_are_valid_and_fold():

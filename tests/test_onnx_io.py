@@ -161,11 +161,13 @@ def test_checker_failure_only_in_output_aborts_the_write(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-def test_checker_failure_shared_with_input_is_a_warning(tmp_path):
+def test_input_that_fails_the_checker_is_refused(tmp_path):
+    """A model onnx.checker rejects is bad input: refused with the checker's message, nothing written. (It used to
+    be folded with a warning; issue 12: such a model could be folded wrongly with exit 0.)"""
     m = small_model()
     m.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE  # Relu makes float: already invalid
     p = tmp_path / "m.onnx"
     onnx.save(m, p)
-    report = fold_onnx_file(p, tmp_path / "out.onnx")
-    assert report.folded == 1 and (tmp_path / "out.onnx").exists()
-    assert report.extra["warnings"] and "already fails onnx.checker" in report.extra["warnings"][0]
+    with pytest.raises(BnfoldError, match="not a valid ONNX model.*elem type"):
+        fold_onnx_file(p, tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
