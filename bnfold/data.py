@@ -103,10 +103,42 @@ def load_dataset(spec: str | Path, *, image_size: tuple[int, int] | None = None,
     raise BnfoldError(f"--data '{spec}': not 'digits', an existing .npz file or an image folder")
 
 
-def fit_to_shape(x: np.ndarray, sample_shape: tuple) -> np.ndarray:
-    """Reshape samples to the model's per-sample shape when only the layout differs ((N, 64) -> (N, 1, 8, 8))."""
-    if tuple(x.shape[1:]) == tuple(sample_shape):
+LAYOUTS = ("nchw", "nhwc")
+
+
+def fit_to_shape(x: np.ndarray, sample_shape: tuple, *, layout: str = "nchw") -> np.ndarray:
+    """Samples ``x`` (sample axis first) in the model's per-sample shape ``sample_shape`` (channels first).
+
+    * ``layout="nhwc"``: ``x`` is channels-last, (N, ..., C): its last axis moves to axis 1.
+    * Flat samples, (N, F), are reshaped when the element counts match ((N, 64) -> (N, 1, 8, 8)).
+    * Samples that keep the channel count and only merge or split the trailing axes ((N, C, H*W) ->
+      (N, C, H, W)) are reshaped.
+
+    Anything else is refused, and so is data that would fit only after a transpose: (N, H, W, C) data for an
+    (N, C, H, W) model is never silently reshaped (the message names ``--layout nhwc``)."""
+    if layout not in LAYOUTS:
+        raise BnfoldError(f"unknown data layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    x = np.asarray(x)
+    sample = tuple(int(d) for d in sample_shape)
+    if layout == "nhwc":
+        if x.ndim < 3:
+            raise BnfoldError(f"--layout nhwc: data samples have shape {tuple(x.shape[1:])}, not channels-last "
+                              "images (N, H, W, C)")
+        x = np.moveaxis(x, -1, 1)
+        if tuple(x.shape[1:]) != sample:
+            raise BnfoldError(f"--layout nhwc: data samples have shape {tuple(x.shape[1:])} in channels-first "
+                              f"order but the model expects {sample}")
+        return np.ascontiguousarray(x)
+    got = tuple(x.shape[1:])
+    if got == sample:
         return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(sample_shape)):
-        return x.reshape((len(x),) + tuple(sample_shape))
-    raise BnfoldError(f"data samples have shape {tuple(x.shape[1:])} but the model expects {tuple(sample_shape)}")
+    if x.ndim >= 3 and len(sample) >= 2 and tuple(np.moveaxis(np.empty((0,) + got), -1, 1).shape[1:]) == sample:
+        raise BnfoldError(f"data samples have shape {got}, which is the model's {sample} in channels-last "
+                          "(NHWC) order: pass --layout nhwc (layout='nhwc') if the data is channels-last, or "
+                          "transpose it to channels-first")
+    if int(np.prod(got)) == int(np.prod(sample)):
+        if x.ndim == 2 or (len(got) >= 1 and len(sample) >= 1 and got[0] == sample[0] and x.ndim >= 3):
+            return x.reshape((len(x),) + sample)
+        raise BnfoldError(f"data samples have shape {got} but the model expects {sample}: the element counts "
+                          "match but the layouts differ; reshape the data yourself if that is what you mean")
+    raise BnfoldError(f"data samples have shape {got} but the model expects {sample}")

@@ -474,3 +474,27 @@ def strip_batchnorm(model: nn.Module) -> nn.Module:
         except AttributeError:  # already replaced with its parent
             pass
     return model
+
+
+def record_module_folds(onnx_model, report: FoldReport) -> None:
+    """Write the module-level fold record into ``onnx_model``'s metadata (key ``bnfold.module_folds``): for
+    each BatchNorm folded at module level, the BN and the layer it went into (module paths), the direction and
+    the tensor that layer computes in the exported model (found through the exporter's name scopes). The
+    verifier's localizer compares that tensor with the original BN's output. Call it on the exported model,
+    before the fold report is merged with the ONNX pass's."""
+    import json
+
+    from bnfold.verify import MODULE_FOLDS_KEY, _layer_output, source_layers
+
+    layers = source_layers(onnx_model)
+    entries = []
+    for e in report.entries:
+        if e.status != "folded" or not e.into_layer:
+            continue
+        entries.append({"bn": e.bn, "status": "folded", "into_layer": e.into_layer, "direction": e.direction,
+                        "tensor": _layer_output(onnx_model, layers, e.into_layer)})
+    for p in list(onnx_model.metadata_props):
+        if p.key == MODULE_FOLDS_KEY:
+            onnx_model.metadata_props.remove(p)
+    onnx_model.metadata_props.add(key=MODULE_FOLDS_KEY,
+                                  value=json.dumps({"entries": entries}, separators=(",", ":")))
