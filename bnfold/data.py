@@ -142,3 +142,63 @@ def fit_to_shape(x: np.ndarray, sample_shape: tuple, *, layout: str = "nchw") ->
         raise BnfoldError(f"data samples have shape {got} but the model expects {sample}: the element counts "
                           "match but the layouts differ; reshape the data yourself if that is what you mean")
     raise BnfoldError(f"data samples have shape {got} but the model expects {sample}")
+
+
+def shape_samples(x: np.ndarray, sample_shape: tuple, *, layout: str = "nchw") -> np.ndarray:
+    """Samples in the model's per-sample shape: flat square samples (the bundled 8x8 digits, (N, 64)) become
+    images when the model takes images (bilinear upsampling, the gray channel repeated); anything else goes
+    through :func:`fit_to_shape`."""
+    x = np.asarray(x)
+    sample = tuple(int(d) for d in sample_shape)
+    if x.dtype.kind == "f" and x.ndim == 2 and len(sample) == 3 and tuple(x.shape[1:]) != sample \
+            and layout == "nchw":
+        side = int(round(float(np.sqrt(x.shape[1]))))
+        if side * side == x.shape[1]:
+            import torch
+            import torch.nn.functional as F
+
+            img = torch.from_numpy(np.ascontiguousarray(x, np.float32)).reshape(len(x), 1, side, side)
+            if (side, side) != sample[1:]:
+                img = F.interpolate(img, size=sample[1:], mode="bilinear", align_corners=False)
+            return img.repeat(1, sample[0], 1, 1).contiguous().numpy()
+    return fit_to_shape(x, sample, layout=layout)
+
+
+def load_for_model(spec: str | Path | Dataset, inputs: list[tuple[str | None, tuple]] | None, *,
+                   layout: str = "nchw") -> Dataset:
+    """``--data`` for a model whose inputs are ``[(name, shape with batch), ...]`` (None: unknown): image
+    folders resized to the input's height and width, arrays shaped channels-first for the model (see
+    :func:`shape_samples`; ``layout`` says whether the arrays are ``nchw`` or ``nhwc``). Raises
+    :class:`BnfoldError` when the data does not fit, before anything is written."""
+    size, channels = None, 3
+    first = inputs[0][1] if inputs else None
+    if first is not None and len(first) == 4:
+        channels, size = int(first[1]), (int(first[2]), int(first[3]))
+    ds = spec if isinstance(spec, Dataset) else load_dataset(spec, image_size=size, channels=channels)
+    if not isinstance(spec, Dataset) and Path(spec).is_dir():
+        layout = "nchw"  # image folders are read channels-first
+    if not inputs:
+        if layout == "nhwc":
+            ds = Dataset({k: np.ascontiguousarray(np.moveaxis(v, -1, 1)) if v.ndim >= 3 else v
+                          for k, v in ds.inputs.items()}, ds.labels, ds.name, ds.classes)
+        return ds
+    names = [n for n, _ in inputs]
+    if len(inputs) == 1 and len(ds.inputs) == 1:
+        key = next(iter(ds.inputs))
+        arrays = {key: shape_samples(ds.inputs[key], tuple(first[1:]), layout=layout)}
+    elif all(n in ds.inputs for n in names):
+        arrays = dict(ds.inputs)
+        for n, shape in inputs:
+            arrays[n] = shape_samples(ds.inputs[n], tuple(shape[1:]), layout=layout)
+    else:
+        raise BnfoldError(f"the data has arrays {sorted(ds.inputs)} but the model's inputs are {names}: "
+                          "name the .npz arrays after the inputs")
+    return Dataset(arrays, ds.labels, ds.name, ds.classes)
+
+
+def sample_shape_of(ds: Dataset, *, layout: str = "nchw") -> tuple:
+    """The per-sample shape of the dataset's first array, channels first."""
+    x = next(iter(ds.inputs.values()))
+    if layout == "nhwc" and x.ndim >= 3:
+        return tuple(np.moveaxis(np.empty((0,) + tuple(x.shape[1:])), -1, 1).shape[1:])
+    return tuple(x.shape[1:])

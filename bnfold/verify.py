@@ -630,16 +630,31 @@ _ONNX_TYPE_NAMES = {1: "float", 11: "double", 10: "float16", 16: "bfloat16", 7: 
                     2: "uint8", 9: "bool"}
 
 
-def check_data(model, data: Dataset, *, input_shapes: list | None = None, layout: str = "nchw") -> None:
-    """Raise :class:`BnfoldError` unless ``data`` fits ``model`` (an ONNX ModelProto or path, or a torch
-    module with ``input_shapes``); writes nothing. Used before a pipeline writes its first file."""
-    if isinstance(model, onnx.ModelProto) or not hasattr(model, "forward"):
-        fit_dataset(data, model_input_shapes(_as_model(model), input_shapes), layout=layout)
-    else:
-        specs = input_shapes or []
-        fit_dataset(data, [(s.name or f"input_{k}", tuple(s.shape), np.float32) for k, s in enumerate(specs)]
-                    if not (len(specs) == 1) else [(next(iter(data.inputs)), tuple(specs[0].shape), np.float32)],
-                    layout=layout)
+def load_data_for(spec, model, *, input_shapes: list | None = None, layout: str = "nchw") -> Dataset:
+    """``--data`` (digits, .npz, image folder) loaded for an ONNX ``model`` (ModelProto or path): image folders
+    resized to its input, arrays shaped channels-first for it (``layout``: how the arrays are laid out).
+    Raises :class:`BnfoldError` when the data does not fit."""
+    from bnfold.data import load_for_model
+
+    proto = model if isinstance(model, onnx.ModelProto) else _load_structure(model)
+    try:
+        inputs = [(n, s) for n, s, _ in model_input_shapes(proto, input_shapes)]
+    except BnfoldError:  # dynamic dimensions without --input-shape: verify itself will say so
+        inputs = None
+    return load_for_model(spec, inputs, layout=layout)
+
+
+def _load_structure(path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise BnfoldError(f"{path}: not a readable ONNX model ({str(exc).strip()[:200]})") from None
+
+
+def check_data(inputs: list[tuple], data: Dataset) -> None:
+    """Raise :class:`BnfoldError` unless ``data`` (channels-first) fits the model inputs ``[(name, shape,
+    dtype), ...]``; writes nothing."""
+    fit_dataset(data, inputs)
 
 
 def _argmax_scores(cand: onnx.ModelProto) -> dict[str, tuple[str, int, bool, bool]]:
