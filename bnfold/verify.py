@@ -855,11 +855,14 @@ def source_layers(model: onnx.ModelProto) -> dict[str, str]:
     return layers
 
 
-def _layer_output(model: onnx.ModelProto, layers: dict[str, str], layer: str) -> str | None:
-    """The output of ``layer``: the first output of the last node (graph order) that the layer's scope made."""
+def _layer_output(model: onnx.ModelProto, layers: dict[str, str], layer: str, prefer: str | None = None) -> str | None:
+    """The output of ``layer``: the first output of its ``prefer`` node (e.g. its BatchNormalization, when the
+    layer does more, like timm's BatchNormAct2d), else of the last node (graph order) its scope made."""
     last = None
     for n in model.graph.node:
         if n.output and n.output[0] and layers.get(n.output[0]) == layer and n.op_type not in ("Constant",):
+            if prefer is not None and n.op_type == prefer:
+                return n.output[0]
             last = n.output[0]
     return last
 
@@ -878,6 +881,13 @@ def _records(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
 
 _FOLDED_AWAY = {"BatchNormalization", "Mul", "Add", "Sub", "Div"}
 _FOLD_TARGETS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "BatchNormalization"}
+
+
+def _entry_into(entries: list[dict], node) -> dict | None:
+    """The ONNX pass's record of a fold into ``node`` (by node name)."""
+    label = node.name or f"{node.op_type}@{node.output[0]}"
+    return next((e for e in entries if e.get("status") == "folded" and e.get("into")
+                 and label in str(e["into"]).split("+")), None)
 
 
 def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, *, ep: str = "cpu",
@@ -899,7 +909,8 @@ def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
         if e.get("status", "folded") != "folded" or not t or t not in cand_prod:
             continue
         src = e.get("bn") if e.get("direction") == "backward" else e.get("into_layer")
-        r = _layer_output(reference, ref_layers, src) if src else None
+        prefer = "BatchNormalization" if e.get("direction") == "backward" else None
+        r = _layer_output(reference, ref_layers, src, prefer) if src else None
         if r is not None:
             pairs[t] = (r, e)
     recorded = set(pairs)
@@ -912,6 +923,14 @@ def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
                 continue  # the same name made by another layer: a name counter shifted, not the same tensor
         elif not (rn.op_type in _FOLDED_AWAY and n.op_type in _FOLD_TARGETS):
             continue  # only a layer that absorbed a BN (or affine op) backward takes over its output name
+        else:
+            e = _entry_into(onnx_entries, n)
+            if e is not None and e.get("layer") and t in ref_layers and e["layer"] != ref_layers[t]:
+                # the name belongs to another BN in the reference (export counters shifted): pair by layer
+                r = _layer_output(reference, ref_layers, e["layer"], prefer="BatchNormalization")
+                if r is not None:
+                    pairs[t] = (r, None)
+                continue
         pairs[t] = (t, None)
     order = [(n, n.output[0]) for n in candidate.graph.node if n.output and n.output[0] in pairs]
     if not order:

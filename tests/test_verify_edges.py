@@ -392,3 +392,36 @@ def test_verify_exit_2_when_runtime_cannot_load(tmp_path, small):
     assert r.exit_code == 2 and "reference" in r.output and r.output.strip().startswith("error:"), r.output
     r = cli("verify", small / "o.onnx", tmp_path / "broken.onnx")
     assert r.exit_code == 2 and "candidate" in r.output, r.output
+
+
+class MixedLevels(nn.Module):
+    """One BN folded at module level, one (a BN subclass) left to the ONNX pass: the two exports' BN output
+    names shift, and the localizer must still compare each folded layer with its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), BNAct(6)
+        self.conv3 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def mixed_levels():
+    from bnfold.models import zoo
+    torch.manual_seed(0)
+    return zoo.randomize_bn(MixedLevels()).eval()
+
+
+def test_localizer_with_folds_at_both_levels(tmp_path):
+    spec = "tests.test_verify_edges:mixed_levels"
+    assert cli("export", spec, "--no-fold", "--input-shape", "2x3x8x8", "-o", tmp_path / "o.onnx", "-q").exit_code == 0
+    r = cli("fold", spec, "--input-shape", "2x3x8x8", "-o", tmp_path / "f.onnx", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["folded"] == 2, r.output
+    from .test_verify_acceptance import corrupt
+    assert cli("verify", tmp_path / "o.onnx", tmp_path / "f.onnx", "-q").exit_code == 0
+    for layer in ("conv1", "conv2", "conv3"):
+        corrupt(tmp_path / "f.onnx", tmp_path / "bad.onnx", layer, 1, "scale")
+        r = cli("verify", tmp_path / "o.onnx", tmp_path / "bad.onnx")
+        assert r.exit_code == 1 and f"(layer {layer})" in r.output.strip().splitlines()[-1], r.output
