@@ -425,3 +425,20 @@ def test_localizer_with_folds_at_both_levels(tmp_path):
         corrupt(tmp_path / "f.onnx", tmp_path / "bad.onnx", layer, 1, "scale")
         r = cli("verify", tmp_path / "o.onnx", tmp_path / "bad.onnx")
         assert r.exit_code == 1 and f"(layer {layer})" in r.output.strip().splitlines()[-1], r.output
+
+
+def test_every_torchvision_classifier_loads_its_saved_state_dict(tmp_path):
+    """Every torchvision classification model reloads a `torch.save(model.state_dict())` through --weights
+    (module versions kept). Skipped where torchvision is not installed (it is not a dependency)."""
+    tv = pytest.importorskip("torchvision.models")
+    import torchvision
+
+    from bnfold.torch_io import apply_weights, load_state_dict
+    names = torchvision.models.list_models(module=tv)
+    assert names
+    for name in names:
+        m = tv.get_model(name).eval()
+        if sum(p.numel() for p in m.parameters()) > 150_000_000:
+            continue  # the giants (ViT-H, RegNet-128GF): the same code path, minutes of disk I/O
+        torch.save(m.state_dict(), tmp_path / "w.pt")
+        apply_weights(tv.get_model(name), load_state_dict(tmp_path / "w.pt"), name)
