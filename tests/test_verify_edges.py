@@ -118,10 +118,11 @@ def test_channel_axis_follows_the_producer():
     s = g.node("Sigmoid", [t], name="s")
     m = g.node("MatMul", [s, g.const(g.rand(6, 5))], name="mm")
     sm = g.node("Softmax", [c], name="sm", axis=1)
-    model = g.model([s, m, sm])
+    cat = g.node("Concat", [g.node("Mul", [s, g.const(np.float32(600))], name="boxes"), t], name="cat", axis=-1)
+    model = g.model([s, m, sm, cat])
     gr = _Graph(model, {"x": (2, 3, 4, 4)})
     assert gr.channel_axes(c) == (1,) and gr.channel_axes(r) == (1,) and gr.channel_axes(s) == (2,)
-    assert gr.channel_axes(m) == (-1,) and gr.channel_axes(sm) == (1,)
+    assert gr.channel_axes(m) == (-1,) and gr.channel_axes(sm) == (1,) and gr.channel_axes(cat) == (-1,)
 
 
 # ------------------------------------------------------------------------------------------------ overridable
@@ -187,6 +188,15 @@ def test_run_checks_data_before_writing(small, tmp_path):
     onnx.save(g.model([g.bn(g.node("Gemm", [x, g.const(g.rand(6, 32))], transB=1), 6)]), tmp_path / "flat.onnx")
     r = cli("run", tmp_path / "flat.onnx", "-o", out, "--data", "digits", "--iters", "2")  # 64 features, not 32
     assert r.exit_code == 2 and "(64,)" in r.output and not out.exists(), r.output
+
+
+def test_run_pipeline_checks_data_before_writing(small, tmp_path):
+    from bnfold.data import Dataset
+    from bnfold.pipeline import run_pipeline
+    bad = Dataset({"x": np.zeros((4, 8, 8, 3), np.float32)}, None, "nhwc")
+    with pytest.raises(BnfoldError, match="--layout nhwc"):
+        run_pipeline(onnx.load(small / "o.onnx"), tmp_path / "out", name="m", data=bad)
+    assert not (tmp_path / "out").exists()
 
 
 def net_without_default_shape():
