@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +56,9 @@ class CalibrationResult:
     skipped_batches: int = 0
     world_size: int = 1
     per_bn_values: dict[str, int] = field(default_factory=dict)
+    #: BatchNorms left as they were, with a reason code: ``not_called`` (never run in the forward pass in eval
+    #: mode, e.g. the auxiliary heads of GoogLeNet/Inception, which fold skips for the same reason)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def restore(self, model: nn.Module) -> None:
         """Put back the running statistics the model had before calibration."""
@@ -67,7 +72,8 @@ class CalibrationResult:
 
     def summary(self) -> dict:
         return {"method": self.method, "batches": self.batches, "samples": self.samples,
-                "skipped_batches": self.skipped_batches, "world_size": self.world_size, "bn": len(self.stats)}
+                "skipped_batches": self.skipped_batches, "world_size": self.world_size, "bn": len(self.stats),
+                "skipped": dict(self.skipped)}
 
 
 def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
@@ -98,6 +104,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
                 for n, m in bns.items()}
     modes = {n: m.training for n, m in model.named_modules()}
     accs: dict[str, _Acc] = {}
+    called: set[str] = set()
     current: dict[str, list[tuple]] = {}
 
     def hook(name):
@@ -110,6 +117,7 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
             sq = (xd * xd).sum(dim=dims)
             count = x.numel() // x.shape[1]
             current.setdefault(name, []).append((mu, var, sq, count))  # a BN called twice sees two batches
+            called.add(name)
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns.items()]
@@ -171,10 +179,14 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
         for name in sorted(bns):
             acc = accs.get(name)
             c = channels[name]
-            packed = (torch.cat([acc.s1, acc.sv, acc.s2, acc.m.reshape(1)]).to(device) if acc is not None
-                      else torch.zeros(3 * c + 1, dtype=torch.float64, device=device))
+            flag = torch.ones(1, dtype=torch.float64) if name in called else torch.zeros(1, dtype=torch.float64)
+            packed = (torch.cat([acc.s1, acc.sv, acc.s2, acc.m.reshape(1), flag.to(acc.s1.device)]).to(device)
+                      if acc is not None else torch.cat([torch.zeros(3 * c + 1, dtype=torch.float64), flag]).to(device))
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
             packed = packed.cpu() if acc is None else packed.to(acc.s1.device)
+            if packed[3 * c + 1] > 0:
+                called.add(name)  # called on some rank
+            packed = packed[:3 * c + 1]
             if packed[3 * c] == 0:
                 accs.pop(name, None)
                 continue
@@ -184,7 +196,12 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
         totals = torch.tensor([n_batches, samples, skipped], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
         n_batches, samples, skipped = (int(v) for v in totals.tolist())
-    missing = [n for n in bns if n not in accs]
+    skipped_bn = {n: "not_called" for n in bns if n not in accs and n not in called}
+    for n in skipped_bn:
+        log.info("BatchNorm '%s' is never called in the forward pass: left as it is (not_called)", n)
+    if len(skipped_bn) == len(bns):
+        raise BnfoldError("no BatchNorm is called in the model's forward pass (in eval mode): nothing to calibrate")
+    missing = [n for n in bns if n not in accs and n not in skipped_bn]
     if missing:
         raise BnfoldError(f"BatchNorm '{missing[0]}' saw no usable batch during calibration (is it called in "
                           "forward? are the batches larger than 1?)")
@@ -198,7 +215,8 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
         stats[name] = (mean, var.clamp_min(0))
     result = CalibrationResult(stats=stats, original=original, batches=n_batches, samples=samples,
                                method="pooled" if pooled else "algorithm2", skipped_batches=skipped,
-                               world_size=world, per_bn_values={n: int(a.m.item()) for n, a in accs.items()})
+                               world_size=world, per_bn_values={n: int(a.m.item()) for n, a in accs.items()},
+                               skipped=skipped_bn)
     if apply:
         with torch.no_grad():
             for name, (mean, var) in stats.items():
@@ -208,3 +226,57 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
                 if m.num_batches_tracked is not None:
                     m.num_batches_tracked.fill_(n_batches)
     return result
+
+
+def calibration_batches(data, input_shape: tuple, *, batch_size: int = 64, layout: str = "nchw"):
+    """Mini-batches (torch tensors, batches of one dropped) of ``data`` (a spec such as ``digits``, an .npz, an
+    image folder, or a :class:`bnfold.data.Dataset`) shaped for a model taking ``input_shape``."""
+    from bnfold.data import load_for_model
+
+    ds = load_for_model(data, [(None, tuple(input_shape))], layout=layout)
+    x = torch.from_numpy(np.ascontiguousarray(next(iter(ds.inputs.values())), dtype=np.float32))
+    return ds, [x[i:i + batch_size] for i in range(0, len(x), batch_size) if len(x[i:i + batch_size]) > 1]
+
+
+def input_shape_from(data, explicit: list | None, default_shape: tuple | None, *, layout: str = "nchw"):
+    """The model's input shape for calibration: ``--input-shape`` when given; else the data's sample shape
+    (batch 1), unless the data is flat and the model has a default shape (the digits for an image model)."""
+    from bnfold.data import load_dataset, sample_shape_of
+
+    if explicit:
+        return tuple(explicit[0].shape)
+    ds = data if not isinstance(data, (str, Path)) else None
+    if ds is None:
+        if default_shape is not None and len(default_shape) == 4 and Path(str(data)).is_dir():
+            return tuple(default_shape)
+        ds = load_dataset(data)
+    sample = sample_shape_of(ds, layout="nchw" if ds is not data and Path(str(data)).is_dir() else layout)
+    if default_shape is not None and (len(sample) == 1 or tuple(default_shape[1:]) == sample):
+        return tuple(default_shape)
+    return (1,) + tuple(sample)
+
+
+def calibrate_spec(spec: str, data, *, weights=None, trust_pickle: bool = False, input_shapes: list[str] | None = None,
+                   batch_size: int = 64, max_batches: int | None = None, pooled: bool = False,
+                   layout: str = "nchw"):
+    """Build the PyTorch model ``spec`` (with ``weights``), recompute its BN population statistics over
+    ``data`` and return ``(model, CalibrationResult, checkpoint config)``. The input shape comes from
+    ``input_shapes`` (``[NAME=]1x3x224x224`` strings), else from the data (see :func:`input_shape_from`)."""
+    from bnfold.torch_io import apply_weights, build_model, load_state_dict, parse_input_shape
+
+    specs = [parse_input_shape(s) for s in (input_shapes or [])]
+    model, default_shape = build_model(spec)
+    if weights is not None:
+        apply_weights(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
+    model.eval()
+    if isinstance(data, (str, Path)) and not Path(str(data)).is_dir():
+        from bnfold.data import load_dataset
+        data = load_dataset(data)  # read once: for its shape and for its batches
+    shape = input_shape_from(data, specs, default_shape, layout=layout)
+    ds, batches = calibration_batches(data, shape, batch_size=batch_size, layout=layout)
+    result = population_statistics(model, batches, max_batches=max_batches, pooled=pooled)
+    from bnfold.train import read_checkpoint_config
+    config = (read_checkpoint_config(weights) if weights else None) or {"model": spec}
+    config["calibration"] = {**result.summary(), "data": ds.name, "batch_size": batch_size,
+                             "input_shape": list(shape)}
+    return model, result, config

@@ -103,10 +103,102 @@ def load_dataset(spec: str | Path, *, image_size: tuple[int, int] | None = None,
     raise BnfoldError(f"--data '{spec}': not 'digits', an existing .npz file or an image folder")
 
 
-def fit_to_shape(x: np.ndarray, sample_shape: tuple) -> np.ndarray:
-    """Reshape samples to the model's per-sample shape when only the layout differs ((N, 64) -> (N, 1, 8, 8))."""
-    if tuple(x.shape[1:]) == tuple(sample_shape):
+LAYOUTS = ("nchw", "nhwc")
+
+
+def fit_to_shape(x: np.ndarray, sample_shape: tuple, *, layout: str = "nchw") -> np.ndarray:
+    """Samples ``x`` (sample axis first) in the model's per-sample shape ``sample_shape`` (channels first).
+
+    * ``layout="nhwc"``: ``x`` is channels-last, (N, ..., C): its last axis moves to axis 1.
+    * Flat samples, (N, F), are reshaped when the element counts match ((N, 64) -> (N, 1, 8, 8)).
+    * Samples that keep the channel count and only merge or split the trailing axes ((N, C, H*W) ->
+      (N, C, H, W)) are reshaped.
+
+    Anything else is refused, and so is data that would fit only after a transpose: (N, H, W, C) data for an
+    (N, C, H, W) model is never silently reshaped (the message names ``--layout nhwc``)."""
+    if layout not in LAYOUTS:
+        raise BnfoldError(f"unknown data layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    x = np.asarray(x)
+    sample = tuple(int(d) for d in sample_shape)
+    if layout == "nhwc":
+        if x.ndim < 3:
+            raise BnfoldError(f"--layout nhwc: data samples have shape {tuple(x.shape[1:])}, not channels-last "
+                              "images (N, H, W, C)")
+        x = np.moveaxis(x, -1, 1)
+        if tuple(x.shape[1:]) != sample:
+            raise BnfoldError(f"--layout nhwc: data samples have shape {tuple(x.shape[1:])} in channels-first "
+                              f"order but the model expects {sample}")
+        return np.ascontiguousarray(x)
+    got = tuple(x.shape[1:])
+    if got == sample:
         return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(sample_shape)):
-        return x.reshape((len(x),) + tuple(sample_shape))
-    raise BnfoldError(f"data samples have shape {tuple(x.shape[1:])} but the model expects {tuple(sample_shape)}")
+    if x.ndim >= 3 and len(sample) >= 2 and tuple(np.moveaxis(np.empty((0,) + got), -1, 1).shape[1:]) == sample:
+        raise BnfoldError(f"data samples have shape {got}, which is the model's {sample} in channels-last "
+                          "(NHWC) order: pass --layout nhwc (layout='nhwc') if the data is channels-last, or "
+                          "transpose it to channels-first")
+    if int(np.prod(got)) == int(np.prod(sample)):
+        if x.ndim == 2 or (len(got) >= 1 and len(sample) >= 1 and got[0] == sample[0] and x.ndim >= 3):
+            return x.reshape((len(x),) + sample)
+        raise BnfoldError(f"data samples have shape {got} but the model expects {sample}: the element counts "
+                          "match but the layouts differ; reshape the data yourself if that is what you mean")
+    raise BnfoldError(f"data samples have shape {got} but the model expects {sample}")
+
+
+def shape_samples(x: np.ndarray, sample_shape: tuple, *, layout: str = "nchw") -> np.ndarray:
+    """Samples in the model's per-sample shape: flat square samples (the bundled 8x8 digits, (N, 64)) become
+    images when the model takes images (bilinear upsampling, the gray channel repeated); anything else goes
+    through :func:`fit_to_shape`."""
+    x = np.asarray(x)
+    sample = tuple(int(d) for d in sample_shape)
+    if x.dtype.kind == "f" and x.ndim == 2 and len(sample) == 3 and tuple(x.shape[1:]) != sample \
+            and layout == "nchw":
+        side = int(round(float(np.sqrt(x.shape[1]))))
+        if side * side == x.shape[1]:
+            import torch
+            import torch.nn.functional as F
+
+            img = torch.from_numpy(np.ascontiguousarray(x, np.float32)).reshape(len(x), 1, side, side)
+            if (side, side) != sample[1:]:
+                img = F.interpolate(img, size=sample[1:], mode="bilinear", align_corners=False)
+            return img.repeat(1, sample[0], 1, 1).contiguous().numpy()
+    return fit_to_shape(x, sample, layout=layout)
+
+
+def load_for_model(spec: str | Path | Dataset, inputs: list[tuple[str | None, tuple]] | None, *,
+                   layout: str = "nchw") -> Dataset:
+    """``--data`` for a model whose inputs are ``[(name, shape with batch), ...]`` (None: unknown): image
+    folders resized to the input's height and width, arrays shaped channels-first for the model (see
+    :func:`shape_samples`; ``layout`` says whether the arrays are ``nchw`` or ``nhwc``). Raises
+    :class:`BnfoldError` when the data does not fit, before anything is written."""
+    size, channels = None, 3
+    first = inputs[0][1] if inputs else None
+    if first is not None and len(first) == 4:
+        channels, size = int(first[1]), (int(first[2]), int(first[3]))
+    ds = spec if isinstance(spec, Dataset) else load_dataset(spec, image_size=size, channels=channels)
+    if not isinstance(spec, Dataset) and Path(spec).is_dir():
+        layout = "nchw"  # image folders are read channels-first
+    if not inputs:
+        if layout == "nhwc":
+            ds = Dataset({k: np.ascontiguousarray(np.moveaxis(v, -1, 1)) if v.ndim >= 3 else v
+                          for k, v in ds.inputs.items()}, ds.labels, ds.name, ds.classes)
+        return ds
+    names = [n for n, _ in inputs]
+    if len(inputs) == 1 and len(ds.inputs) == 1:
+        key = next(iter(ds.inputs))
+        arrays = {key: shape_samples(ds.inputs[key], tuple(first[1:]), layout=layout)}
+    elif all(n in ds.inputs for n in names):
+        arrays = dict(ds.inputs)
+        for n, shape in inputs:
+            arrays[n] = shape_samples(ds.inputs[n], tuple(shape[1:]), layout=layout)
+    else:
+        raise BnfoldError(f"the data has arrays {sorted(ds.inputs)} but the model's inputs are {names}: "
+                          "name the .npz arrays after the inputs")
+    return Dataset(arrays, ds.labels, ds.name, ds.classes)
+
+
+def sample_shape_of(ds: Dataset, *, layout: str = "nchw") -> tuple:
+    """The per-sample shape of the dataset's first array, channels first."""
+    x = next(iter(ds.inputs.values()))
+    if layout == "nhwc" and x.ndim >= 3:
+        return tuple(np.moveaxis(np.empty((0,) + tuple(x.shape[1:])), -1, 1).shape[1:])
+    return tuple(x.shape[1:])

@@ -96,6 +96,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
                            keep_bn=not fold)
     if fold:
         onnx_model, onnx_report = fold_model(exported, options, name="export")
+        from bnfold.torch_fold import record_module_folds
+        record_module_folds(onnx_model, result.report)  # the fold record travels with the model (localizer)
         report = _merge(result.report, onnx_report)
     else:
         onnx_model = exported
@@ -115,7 +117,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
 
 
 def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:
-    """Torch-level entries, updated with what the ONNX pass then did to the BNs left in the export."""
+    """Torch-level entries, updated with what the ONNX pass then did to the BNs left in the export: folded
+    there, or skipped there for the ONNX pass's reason (the last pass's reason is the one shown)."""
     by_layer = {e.layer: e for e in onnx_report.entries if e.layer}
     for e in torch_report.entries:
         if e.status == "skipped" and e.layer in by_layer and by_layer[e.layer].status == "folded":
@@ -124,6 +127,11 @@ def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:
             e.message = f"folded {o.direction} into {o.into_layer or o.into} in the exported ONNX " \
                         f"(module level: {e.reason}: {e.message})"
             e.reason = None
+        elif e.status == "skipped" and e.layer in by_layer and by_layer[e.layer].reason:
+            o = by_layer[e.layer]  # the last pass's reason is the one that holds
+            if o.reason != e.reason:
+                e.message = f"{o.message} (module level: {e.reason}: {e.message})"
+                e.reason = o.reason
     extra = dict(torch_report.extra)
     extra["onnx_pass"] = {"bn_total": onnx_report.bn_total, "folded": onnx_report.folded,
                           "skipped": onnx_report.skipped, "affine_folded": onnx_report.affine_folded}

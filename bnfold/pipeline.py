@@ -48,6 +48,8 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
     from bnfold.verify import verify
 
     options = options or RunOptions()
+    if data is not None:  # the data must fit before the first file is written
+        _check_run_data(model, data, example_inputs, input_names)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     step = step or (lambda msg: log.info(msg))
@@ -156,8 +158,9 @@ def render_markdown(r: dict) -> str:
               "| output | max abs err | mean abs err | p99 abs err | max rel err | cosine | tolerance | ok |",
               "|---|---:|---:|---:|---:|---:|---|---|"]
     for name, s in ver["outputs"].items():
+        cos = "NaN" if s["cosine"] is None else f"{s['cosine']:.6f}"
         lines.append(f"| {name} | {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | {_fmt(s['p99_abs'])} | "
-                     f"{_fmt(s['max_rel'])} | {s['cosine']:.6f} | {_fmt(s['atol'])} + {s['rtol']:.0e}·abs(ref) | "
+                     f"{_fmt(s['max_rel'])} | {cos} | {_fmt(s['atol'])} + {s['rtol']:.0e}·abs(ref) | "
                      f"{'yes' if s['passed'] else '**no**'} |")
     lines.append("")
     if ver.get("top1_agreement") is not None:
@@ -207,3 +210,73 @@ def digits_for(shape: tuple):
     x, y = prepare(d, shape)
     return Dataset({"x": x.numpy().astype(np.float32)}, y.numpy(), "digits")
 
+
+
+def _check_run_data(model, data, example_inputs, input_names) -> None:
+    from bnfold.verify import check_data, model_input_shapes
+
+    if isinstance(model, onnx.ModelProto):
+        inputs = model_input_shapes(model)
+    else:
+        names = input_names or (["input"] if len(example_inputs) == 1 else
+                                [f"input_{i}" for i in range(len(example_inputs))])
+        inputs = [(n, tuple(x.shape), np.float32) for n, x in zip(names, example_inputs)]
+    check_data(inputs, data)
+
+
+@dataclass
+class RunInputs:
+    """What `bnfold run` feeds :func:`run_pipeline`, prepared (and checked) before anything is written."""
+
+    model: object
+    name: str
+    example_inputs: tuple | None = None
+    input_names: list[str] | None = None
+    data: object = None
+    calibrate_batches: list | None = None
+
+
+def prepare_run(model: str, *, data: str | None = None, calibrate_data: str | None = None, weights=None,
+                input_shapes: list[str] | None = None, trust_pickle: bool = False, layout: str = "nchw",
+                calibrate_batch_size: int = 64) -> RunInputs:
+    """Load MODEL (an .onnx file or a PyTorch spec) and its ``--data``/``--calibrate-data``, shaped for the
+    model (``layout``: how .npz arrays are laid out); raises :class:`BnfoldError` on bad input, writes
+    nothing."""
+    from bnfold.data import load_for_model
+    from bnfold.torch_io import is_onnx_path, load_torch_model
+
+    if is_onnx_path(model):
+        from bnfold.onnx_io import load_model
+        from bnfold.verify import load_data_for
+        if calibrate_data:
+            raise BnfoldError("--calibrate-data needs a PyTorch model: an ONNX graph cannot be recalibrated")
+        proto = load_model(model).model
+        dataset = load_data_for(data, proto, layout=layout) if data else None
+        return RunInputs(proto, Path(model).name, data=dataset)
+    torch_model, inputs, names = load_torch_model(model, weights=weights, trust_pickle=trust_pickle,
+                                                  input_shapes=list(input_shapes or []))
+    shapes = [(n, tuple(x.shape)) for n, x in zip(names or [None] * len(inputs), inputs)]
+    dataset = load_for_model(data, shapes, layout=layout) if data else None
+    cal = None
+    if calibrate_data:
+        from bnfold.calibrate import calibration_batches
+        _, cal = calibration_batches(calibrate_data, shapes[0][1], batch_size=calibrate_batch_size, layout=layout)
+    return RunInputs(torch_model, model, inputs, names, dataset, cal)
+
+
+def run_verdict(report: dict, outdir) -> tuple[bool, str]:
+    """The one-line verdict of a :func:`run_pipeline` report: ``(passed, "PASSED | ...")``."""
+    fold = report["fold"]
+    ratios = [r for r in report["bench"]["results"] if r["ratio"] is not None and r["ratio"] != 1.0]
+    gain = "; ".join(f"{r['ep']} opt {r['opt_level']} batch {r['batch']}: folded/original {r['ratio']:.3f}"
+                     for r in ratios)
+    ver = report["verify"]
+    worst = max(s["max_abs"] for s in ver["outputs"].values())
+    agree = f"max abs err {worst:.2g}"
+    if ver.get("accuracy"):
+        agree += f", accuracy {100 * ver['accuracy']['reference']:.2f}% -> {100 * ver['accuracy']['candidate']:.2f}%"
+    elif ver.get("top1_agreement") is not None:
+        agree += f", top-1 agreement {100 * ver['top1_agreement']:.2f}%"
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    return bool(report["passed"]), (f"{verdict} | {fold['folded']}/{fold['bn_total']} BatchNorm folded; {agree}; "
+                                    f"{gain} -> {outdir}/report.md")

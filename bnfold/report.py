@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "parameters_tied": "the conv/linear parameters are shared with another module",
     "not_plain_batchnorm": "a BatchNorm subclass that does more than normalise",
     "not_called": "the BatchNorm module is never called in the traced forward pass",
+    "unknown_eps": "a frozen BatchNorm without an eps attribute whose forward is not a per-channel affine map",
     "module_has_hooks": "the module has forward hooks (or its call computes more than the layer)",
     "parametrized_weight": "the layer's weight is computed by a parametrization such as weight norm",
     "parameters_used_elsewhere": "a parameter of the module is also read outside its call (e.g. functionally)",

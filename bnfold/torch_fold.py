@@ -48,6 +48,11 @@ def _kind(module: nn.Module) -> str | None:
         return "linear"
     if t in PLAIN_BN:
         return "bn"
+    # a subclass that computes exactly what its base computes (torchvision's Conv3DSimple: only __init__)
+    for bases, kind in ((CONV, "conv"), (CONV_T, "conv_t"), ((nn.Linear,), "linear"), (PLAIN_BN, "bn")):
+        base = next((b for b in bases if isinstance(module, b)), None)
+        if base is not None and _inherits_compute(t, base):
+            return kind
     if t.__name__ == "FrozenBatchNorm2d" and all(
             isinstance(getattr(module, k, None), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")):
         # torchvision.ops.FrozenBatchNorm2d: a BN with frozen statistics (buffers only)
@@ -56,6 +61,14 @@ def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "bn_subclass"
     return None
+
+
+_COMPUTE = ("forward", "_conv_forward", "_output_padding", "_check_input_dim", "__call__", "_call_impl")
+
+
+def _inherits_compute(t: type, base: type) -> bool:
+    """Whether class ``t`` (a subclass of ``base``) overrides nothing that takes part in the forward pass."""
+    return all(getattr(t, name, None) is getattr(base, name, None) for name in _COMPUTE)
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -202,8 +215,35 @@ def _bn_affine_of(bn: nn.Module, name: str) -> formula.Affine:
         return None if t is None else t.detach().to("cpu", torch.float64).numpy()
     weight = getattr(bn, "weight", None)
     bias = getattr(bn, "bias", None)
-    return formula.bn_affine(arr(weight), arr(bias), arr(bn.running_mean), arr(bn.running_var), float(bn.eps),
+    eps = getattr(bn, "eps", None)
+    if eps is None:  # a frozen BN that keeps no eps (maskrcnn-benchmark's uses none at all): read its map
+        return _probe_affine(bn, name)
+    return formula.bn_affine(arr(weight), arr(bias), arr(bn.running_mean), arr(bn.running_var), float(eps),
                              name=name)
+
+
+def _probe_affine(bn: nn.Module, name: str) -> formula.Affine:
+    """The per-channel affine map a frozen BN module computes, read from its forward in float64: shift = f(0),
+    scale = f(1) - f(0), then checked on random inputs; a module that is not such a map is skipped."""
+    c = int(bn.running_mean.shape[0])
+    try:
+        m = copy.deepcopy(bn).to("cpu", torch.float64).eval()
+        with torch.no_grad():
+            zero = m(torch.zeros(1, c, 1, 1, dtype=torch.float64)).reshape(c)
+            one = m(torch.ones(1, c, 1, 1, dtype=torch.float64)).reshape(c)
+            scale, shift = one - zero, zero
+            x = torch.randn(2, c, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            y = m(x)
+    except Exception as exc:
+        raise _Skip("unknown_eps", f"the module has no eps attribute and its forward could not be read as a "
+                    f"per-channel affine map ({type(exc).__name__}: {str(exc)[:100]})") from None
+    expect = x * scale.reshape(1, c, 1, 1) + shift.reshape(1, c, 1, 1)
+    if y.shape != x.shape or not torch.allclose(y, expect, rtol=1e-12, atol=1e-12 * float(expect.abs().max() + 1)):
+        raise _Skip("unknown_eps", "the module has no eps attribute and its forward is not a per-channel affine "
+                    "map of its input")
+    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+        raise _Skip("unknown_eps", f"BatchNorm '{name}' computes non-finite scales (no eps attribute)")
+    return formula.Affine(scale.numpy().copy(), shift.numpy().copy())
 
 
 def _to_param_dtype(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
@@ -318,7 +358,11 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
         if len(call.data_in) != 1 or len(call.outputs) != 1:
             skip("no_foldable_neighbour", "the BatchNorm call does not have exactly one data input and one output")
             continue
-        affine = _bn_affine_of(module, bn_name)
+        try:
+            affine = _bn_affine_of(module, bn_name)
+        except _Skip as sk:
+            skip(sk.code, sk.message)
+            continue
         x, y = call.data_in[0], call.outputs[0]
         attempts = []
         for direction in ("backward", "forward"):
@@ -426,7 +470,44 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
     return prod.fqn, w_new, b_new
 
 
+def _identity_in_eval(model: nn.Module, node) -> bool:
+    """A trace node that passes its first input through unchanged: dropout in eval (``aten.dropout(x, p,
+    False)``, a Dropout module not in training), ``nn.Identity``, ``aten.clone``/``alias``."""
+    if node.op == "call_function":
+        target = node.target
+        name = getattr(target, "__name__", str(target))
+        if name.startswith(("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")):
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training"))
+            return train is False
+        return name in ("clone.default", "alias.default", "clone", "alias")
+    if node.op == "call_module":
+        try:
+            m = model.get_submodule(node.target)
+        except AttributeError:
+            return False
+        if type(m) is nn.Identity:
+            return True
+        return isinstance(m, nn.modules.dropout._DropoutNd) and not m.training and not _has_hooks(m)
+    return False
+
+
+def _through_identities(model, y, call_of, graph_outputs):
+    """Follow ``y`` through a chain of eval-mode identities (Dropout) that are its only user."""
+    for _ in range(100):
+        users = list(y.users)
+        if len(users) != 1 or y in graph_outputs:
+            return y
+        u = users[0]
+        if call_of.get(u) is not None or not u.all_input_nodes or u.all_input_nodes[0] is not y:
+            return y
+        if not _identity_in_eval(model, u):
+            return y
+        y = u
+    return y
+
+
 def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs, param_users):
+    y = _through_identities(model, y, call_of, graph_outputs)
     users = list(y.users)
     consumers = {id(c): c for u in users for c in [call_of.get(u)] if c is not None}
     if y in graph_outputs or len(consumers) != 1 or any(call_of.get(u) is None for u in users):
@@ -474,3 +555,27 @@ def strip_batchnorm(model: nn.Module) -> nn.Module:
         except AttributeError:  # already replaced with its parent
             pass
     return model
+
+
+def record_module_folds(onnx_model, report: FoldReport) -> None:
+    """Write the module-level fold record into ``onnx_model``'s metadata (key ``bnfold.module_folds``): for
+    each BatchNorm folded at module level, the BN and the layer it went into (module paths), the direction and
+    the tensor that layer computes in the exported model (found through the exporter's name scopes). The
+    verifier's localizer compares that tensor with the original BN's output. Call it on the exported model,
+    before the fold report is merged with the ONNX pass's."""
+    import json
+
+    from bnfold.verify import MODULE_FOLDS_KEY, _layer_output, source_layers
+
+    layers = source_layers(onnx_model)
+    entries = []
+    for e in report.entries:
+        if e.status != "folded" or not e.into_layer:
+            continue
+        entries.append({"bn": e.bn, "status": "folded", "into_layer": e.into_layer, "direction": e.direction,
+                        "tensor": _layer_output(onnx_model, layers, e.into_layer)})
+    for p in list(onnx_model.metadata_props):
+        if p.key == MODULE_FOLDS_KEY:
+            onnx_model.metadata_props.remove(p)
+    onnx_model.metadata_props.add(key=MODULE_FOLDS_KEY,
+                                  value=json.dumps({"entries": entries}, separators=(",", ":")))

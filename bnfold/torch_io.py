@@ -133,9 +133,21 @@ def _unwrap_state_dict(obj, p: Path) -> dict[str, torch.Tensor]:
     raise BnfoldError(f"{p}: no state dict found (expected a dict of tensors, optionally under 'state_dict')")
 
 
+def _strip_module_prefix(key: str) -> str:
+    return "" if key == "module" else key.removeprefix("module.")
+
+
 def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    """Load ``state`` into ``model`` strictly. The state dict's ``_metadata`` (per-module versions, which some
+    modules' ``_load_from_state_dict`` read, e.g. torchvision's MNASNet) is kept; where the checkpoint has none
+    (safetensors, a rebuilt dict) the model's own versions are used."""
+    from collections import OrderedDict
+
     own = model.state_dict()
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel/DDP checkpoints
+    meta = OrderedDict(getattr(own, "_metadata", None) or {})
+    meta.update({_strip_module_prefix(k): v for k, v in (getattr(state, "_metadata", None) or {}).items()})
+    state = OrderedDict((k.removeprefix("module."), v) for k, v in state.items())  # DataParallel/DDP checkpoints
+    state._metadata = meta
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -153,7 +165,11 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str) 
         k = bad[0]
         raise BnfoldError(f"{label}: '{k}' has shape {tuple(state[k].shape)} in the checkpoint but "
                           f"{tuple(own[k].shape)} in the model")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # a module's own loader refusing the checkpoint (a version, a shape it checks)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnfoldError(f"{label}: the model refuses the checkpoint ({type(exc).__name__}: {msg[:200]})") from None
 
 
 def example_inputs(shapes: list[InputSpec], default_shape: tuple[int, ...] | None, seed: int = 0) -> tuple:
@@ -165,10 +181,17 @@ def example_inputs(shapes: list[InputSpec], default_shape: tuple[int, ...] | Non
     return tuple(torch.randn(s.shape, generator=g) for s in shapes)
 
 
+def is_onnx_path(model: str) -> bool:
+    """Whether MODEL (a command-line argument) names an ONNX file rather than a PyTorch spec."""
+    return str(model).lower().endswith(".onnx") or Path(model).is_file()
+
+
 def load_torch_model(spec: str, *, weights: str | Path | None = None, trust_pickle: bool = False,
                      input_shapes: list[str] | None = None) -> tuple[nn.Module, tuple, list[str] | None]:
     """Build, load and put in eval mode the model named by ``spec``; return it with example inputs and the
     input names from ``NAME=`` shapes (None when unnamed)."""
+    if is_onnx_path(spec) and not Path(spec).exists():
+        raise BnfoldError(f"{spec}: no such file")
     model, default_shape = build_model(spec)
     if weights is not None:
         apply_weights(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
@@ -176,3 +199,21 @@ def load_torch_model(spec: str, *, weights: str | Path | None = None, trust_pick
     specs = [parse_input_shape(s) for s in (input_shapes or [])]
     names = [s.name for s in specs] if specs and all(s.name for s in specs) else None
     return model, example_inputs(specs, default_shape), names
+
+
+def build_variant(spec: str, shapes: list[InputSpec]) -> tuple[str, nn.Module, tuple]:
+    """``SPEC`` (as built), ``SPEC@folded`` (BN folded at module level) or ``SPEC@nobn`` (BN replaced by
+    Identity: the latency floor no fold can beat); returns ``(spec, module in eval mode, first input shape)``."""
+    from bnfold.torch_fold import fold_module, strip_batchnorm
+
+    base, _, variant = spec.partition("@")
+    if variant not in ("", "folded", "nobn"):
+        raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
+    model, default_shape = build_model(base)
+    model.eval()
+    inputs = example_inputs(shapes, default_shape)
+    if variant == "folded":
+        model = fold_module(model, inputs).module
+    elif variant == "nobn":
+        model = strip_batchnorm(model)
+    return spec, model, tuple(inputs[0].shape)

@@ -44,6 +44,12 @@ def main():
     """
 
 
+def layout_option(f):
+    return click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+                        help="Layout of image arrays in an .npz --data: channels-first (nchw) or channels-last "
+                             "(nhwc). Data that fits the model only after a transpose is refused.")(f)
+
+
 def _options(lower_standalone: bool, no_forward: bool, no_affine: bool) -> FoldOptions:
     return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone)
 
@@ -55,14 +61,12 @@ def _check_report_path(path: Path | None) -> None:
 
 
 def _is_onnx(model: str) -> bool:
-    return model.lower().endswith(".onnx") or Path(model).is_file()
+    from bnfold.torch_io import is_onnx_path
+    return is_onnx_path(model)
 
 
 def _load_torch(model: str, weights, input_shape, trust_pickle):
     from bnfold.torch_io import load_torch_model
-
-    if _is_onnx(model) and not Path(model).exists():
-        raise BnfoldError(f"{model}: no such file")
     return load_torch_model(model, weights=weights, trust_pickle=trust_pickle, input_shapes=list(input_shape))
 
 
@@ -77,7 +81,6 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
     for w in report.extra.get("warnings", []):
         con.print(f"[yellow]warning:[/] {w}")
     con.print(verdict, soft_wrap=True)
-    sys.exit(EXIT_OK)
 
 
 @main.command()
@@ -111,12 +114,13 @@ def inspect(model: Path, json_mode: bool, **opts):
                    "they differ); --ep/--data/--atol/--rtol apply.")
 @torch_model_options
 @verify_options
+@layout_option
 @fold_options
 @json_option
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
          no_check: bool, do_verify: bool, json_mode: bool, weights, input_shape, opset, trust_pickle,
-         ep, data, atol, rtol, batch, seed, **opts):
+         ep, data, atol, rtol, batch, seed, layout, **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -135,7 +139,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     options = _options(**opts)
     verify = None
     if do_verify and not dry_run:
-        verify = _verify_kwargs(model, output, input_shape, ep, data, atol, rtol, batch, seed)
+        verify = _verify_kwargs(model, output, input_shape, ep, data, atol, rtol, batch, seed, layout)
     if _is_onnx(model):
         report = fold_onnx_file(Path(model), output, options, dry_run=dry_run, check=not no_check,
                                 in_place=in_place, verify=verify)
@@ -180,28 +184,25 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     _finish(report, json_mode=json_mode, verdict=verdict, model=model, report_path=report_path)
 
 
-def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed) -> dict:
+def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed, layout) -> dict:
     from bnfold.torch_io import parse_input_shape
 
     kwargs = dict(input_shapes=[parse_input_shape(s) for s in input_shape], ep=ep, atol=atol, rtol=rtol,
                   batch=batch, seed=seed)
     if data:
-        kwargs["data"] = _load_data(data, model if _is_onnx(model) else None)
+        kwargs["data"] = _load_data(data, model if _is_onnx(model) else None, layout, kwargs["input_shapes"])
     return kwargs
 
 
-def _load_data(spec: str, onnx_path: str | None):
-    """Load --data; image folders are resized to the model's input height and width."""
-    from bnfold.data import load_dataset
+def _load_data(spec: str, onnx_path: str | None, layout: str = "nchw", input_shapes=None):
+    """Load --data shaped for the model (channels-first); see bnfold.verify.load_data_for."""
+    from bnfold.data import load_for_model
+    from bnfold.verify import load_data_for
 
-    size, channels = None, 3
-    if onnx_path and Path(spec).is_dir():
-        import onnx
+    if onnx_path is None:
+        return load_for_model(spec, None, layout=layout)
+    return load_data_for(spec, onnx_path, input_shapes=input_shapes, layout=layout)
 
-        dims = onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
-            channels, size = dims[1].dim_value, (dims[2].dim_value, dims[3].dim_value)
-    return load_dataset(spec, image_size=size, channels=channels)
 
 
 @main.command()
@@ -214,10 +215,11 @@ def _load_data(spec: str, onnx_path: str | None):
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
               help="State dict for a PyTorch REFERENCE (.pt/.pth weights-only, or .safetensors).")
 @click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@layout_option
 @json_option
 @common_options
 def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, max_samples, input_shape, weights,
-           trust_pickle, json_mode: bool):
+           trust_pickle, layout, json_mode: bool):
     """Check that CANDIDATE (folded .onnx) computes what REFERENCE (the original) computes.
 
     REFERENCE is an .onnx file (run with ONNX Runtime's graph optimizations off, so the runtime cannot fold for
@@ -239,9 +241,10 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
         ref = load_model(reference).model
     else:
         ref, _, _ = _load_torch(reference, weights, input_shape, trust_pickle)
-    dataset = _load_data(data, str(candidate)) if data else None
-    result = run_verify(ref, cand, input_shapes=[parse_input_shape(s) for s in input_shape], data=dataset, ep=ep,
-                        atol=atol, rtol=rtol, batch=batch, seed=seed, max_samples=max_samples)
+    shapes = [parse_input_shape(s) for s in input_shape]
+    dataset = _load_data(data, cand, layout, shapes) if data else None
+    result = run_verify(ref, cand, input_shapes=shapes, data=dataset, ep=ep, atol=atol, rtol=rtol, batch=batch,
+                        seed=seed, max_samples=max_samples)
     con = out_console(json_mode)
     if json_mode:
         click.echo(result.to_json())
@@ -249,7 +252,7 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
         from .render import verify_table
         con.print(verify_table(result))
     for note in result.notes:
-        con.print(f"[yellow]note:[/] {note}")
+        con.print("note: " + note, soft_wrap=True, markup=False)
     con.print(result.verdict(), soft_wrap=True, markup=False)
     sys.exit(EXIT_OK if result.passed else EXIT_FAILED)
 
@@ -331,7 +334,8 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
                 raise BnfoldError(f"{m}: no such .onnx file (use --runtime torch for PyTorch specs)")
         targets = list(models)
     else:
-        targets = [_torch_variant(m, shapes) for m in models]
+        from bnfold.torch_io import build_variant
+        targets = [build_variant(m, shapes) for m in models]
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
     with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
@@ -432,11 +436,14 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
 @click.option("--pooled", is_flag=True, help="Exact pooled variance of all values instead of Algorithm 2.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
               help="State dict for MODEL (.pt/.pth weights-only, or .safetensors).")
-@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224", help="Model input shape.")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
+              help="Model input shape (default: the model's, or the --data samples' shape).")
 @click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@layout_option
 @json_option
 @common_options
-def calibrate(model, output, data, batch_size, max_batches, pooled, weights, input_shape, trust_pickle, json_mode):
+def calibrate(model, output, data, batch_size, max_batches, pooled, weights, input_shape, trust_pickle, layout,
+              json_mode):
     """Recompute every BN's population statistics of MODEL over --data (Algorithm 2), write a checkpoint.
 
     BNs normalise with their mini-batch statistics, as in training; every other layer is in eval mode
@@ -447,30 +454,24 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
       bnfold calibrate small_resnet --weights trained.safetensors --data digits -o calibrated.safetensors
       bnfold calibrate mypkg.nets:build --weights w.pt --data train.npz --input-shape 1x3x64x64 -o cal.pt
     """
-    from bnfold.calibrate import population_statistics
-    from bnfold.data import load_dataset
-    from bnfold.train import batches, prepare, read_checkpoint_config, save_checkpoint
+    from bnfold.calibrate import calibrate_spec
+    from bnfold.train import save_checkpoint
 
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
-    torch_model, inputs, _ = _load_torch(model, weights, input_shape, trust_pickle)
-    shape = tuple(inputs[0].shape)
-    dataset = load_dataset(data, image_size=shape[2:4] if len(shape) == 4 else None,
-                           channels=shape[1] if len(shape) == 4 else 3)
-    if dataset.labels is None:
-        import numpy as np
-        dataset.labels = np.zeros(len(dataset), np.int64)
-    x, _ = prepare(dataset, shape)
-    result = population_statistics(torch_model, (x[b] for b in batches(x, batch_size)), max_batches=max_batches,
-                                   pooled=pooled)
-    config = (read_checkpoint_config(weights) if weights else None) or {"model": model}
-    config["calibration"] = {**result.summary(), "data": dataset.name, "batch_size": batch_size}
+    torch_model, result, config = calibrate_spec(model, data, weights=weights, trust_pickle=trust_pickle,
+                                                 input_shapes=list(input_shape), batch_size=batch_size,
+                                                 max_batches=max_batches, pooled=pooled, layout=layout)
     save_checkpoint(torch_model, output, config)
     if json_mode:
         click.echo(json.dumps(config["calibration"], indent=2))
-    out_console(json_mode).print(
-        f"CALIBRATED | {len(result.stats)} BatchNorm, {result.method}, {result.batches} batches of up to "
-        f"{batch_size} ({result.samples} samples) -> {output}", soft_wrap=True, markup=False)
+    con = out_console(json_mode)
+    for name, reason in result.skipped.items():
+        con.print(f"skipped {name}: {reason}", soft_wrap=True, markup=False)
+    con.print(f"CALIBRATED | {len(result.stats)} BatchNorm, {result.method}, {result.batches} batches of up to "
+              f"{batch_size} ({result.samples} samples)"
+              + (f", {len(result.skipped)} skipped" if result.skipped else "") + f" -> {output}",
+              soft_wrap=True, markup=False)
     sys.exit(EXIT_OK)
 
 
@@ -487,23 +488,13 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
     options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads)
     report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                           calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
+    from bnfold.pipeline import run_verdict
+
     if json_mode:
         click.echo(json.dumps(report, indent=2))
-    fold = report["fold"]
-    ratios = [r for r in report["bench"]["results"] if r["ratio"] is not None and r["ratio"] != 1.0]
-    gain = "; ".join(f"{r['ep']} opt {r['opt_level']} batch {r['batch']}: folded/original {r['ratio']:.3f}"
-                     for r in ratios)
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    ver = report["verify"]
-    worst = max(s["max_abs"] for s in ver["outputs"].values())
-    agree = f"max abs err {worst:.2g}"
-    if ver.get("accuracy"):
-        agree += f", accuracy {100 * ver['accuracy']['reference']:.2f}% -> {100 * ver['accuracy']['candidate']:.2f}%"
-    elif ver.get("top1_agreement") is not None:
-        agree += f", top-1 agreement {100 * ver['top1_agreement']:.2f}%"
-    con.print(f"{verdict} | {fold['folded']}/{fold['bn_total']} BatchNorm folded; {agree}; {gain} -> "
-              f"{outdir}/report.md", soft_wrap=True, markup=False)
-    sys.exit(EXIT_OK if report["passed"] else EXIT_FAILED)
+    passed, line = run_verdict(report, outdir)
+    con.print(line, soft_wrap=True, markup=False)
+    return EXIT_OK if passed else EXIT_FAILED
 
 
 @main.command()
@@ -519,10 +510,11 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--iters", type=int, default=50, show_default=True, help="Benchmark rounds per setting.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
 @torch_model_options
+@layout_option
 @json_option
 @common_options
 def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weights, input_shape, opset, trust_pickle,
-        json_mode):
+        layout, json_mode):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -530,34 +522,13 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weigh
       bnfold run small_resnet --weights trained.safetensors --data digits -o out/
       bnfold run model.onnx -o out/ --ep cpu,cuda --batch 1,8
     """
-    from bnfold.data import load_dataset
-    from bnfold.pipeline import digits_for
+    from bnfold.pipeline import prepare_run
 
-    if _is_onnx(model):
-        from bnfold.onnx_io import load_model
-        if calibrate_data:
-            raise BnfoldError("--calibrate-data needs a PyTorch model: an ONNX graph cannot be recalibrated")
-        proto = load_model(model).model
-        dataset = _load_data(data, model) if data else None
-        _run_flow(proto, outdir, Path(model).name, data=dataset, eps=eps, iters=iters, batches=batches,
-                  threads=threads, json_mode=json_mode)
-    torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
-    shape = tuple(inputs[0].shape)
-    dataset = None
-    if data:
-        dataset = digits_for(shape) if data == "digits" else load_dataset(data, image_size=shape[2:4] if len(shape) == 4 else None)
-    cal = None
-    if calibrate_data:
-        from bnfold.train import batches as batch_iter
-        from bnfold.train import prepare
-        cds = load_dataset(calibrate_data, image_size=shape[2:4] if len(shape) == 4 else None)
-        if cds.labels is None:
-            import numpy as np
-            cds.labels = np.zeros(len(cds), np.int64)
-        cx, _ = prepare(cds, shape)
-        cal = (cx[b] for b in batch_iter(cx, 64))
-    _run_flow(torch_model, outdir, model, inputs=inputs, names=names, data=dataset, calibrate_batches=cal, eps=eps,
-              iters=iters, batches=batches, threads=threads, json_mode=json_mode)
+    r = prepare_run(model, data=data, calibrate_data=calibrate_data, weights=weights, input_shapes=list(input_shape),
+                    trust_pickle=trust_pickle, layout=layout)
+    sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
+                       calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
+                       threads=threads, json_mode=json_mode))
 
 
 @main.command()
@@ -589,27 +560,9 @@ def demo(outdir, name, epochs, json_mode):
     result = train(name, "digits", epochs=epochs, lr=0.05, device="cpu")
     shape = zoo.get(name).input_shape
     eps = ["cpu"] + (["cuda"] if provider_works("cuda") else [])
-    _run_flow(result.model, outdir, f"{name} (demo, trained on digits)", inputs=(torch.zeros(shape),),
-              data=digits_for(shape), eps=eps, iters=200, batches=[1], threads=None, json_mode=json_mode,
-              extra={"training": result.config})
-
-
-def _torch_variant(spec: str, shapes):
-    """SPEC, SPEC@folded (BN folded at module level) or SPEC@nobn (BN replaced by Identity: the floor)."""
-    from bnfold.torch_fold import fold_module, strip_batchnorm
-    from bnfold.torch_io import build_model, example_inputs
-
-    base, _, variant = spec.partition("@")
-    if variant not in ("", "folded", "nobn"):
-        raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
-    model, default_shape = build_model(base)
-    model.eval()
-    inputs = example_inputs(shapes, default_shape)
-    if variant == "folded":
-        model = fold_module(model, inputs).module
-    elif variant == "nobn":
-        model = strip_batchnorm(model)
-    return spec, model, tuple(inputs[0].shape)
+    sys.exit(_run_flow(result.model, outdir, f"{name} (demo, trained on digits)", inputs=(torch.zeros(shape),),
+                       data=digits_for(shape), eps=eps, iters=200, batches=[1], threads=None, json_mode=json_mode,
+                       extra={"training": result.config}))
 
 
 if __name__ == "__main__":  # pragma: no cover
