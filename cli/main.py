@@ -459,6 +459,7 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
     OutputPlan().read(weights, "--weights").read(data, "--data").write(output, "-o").check()
+    config = (read_checkpoint_config(weights) if weights and Path(weights).is_file() else None) or {"model": model}
     torch_model, inputs, _ = _load_torch(model, weights, input_shape, trust_pickle)
     shape = tuple(inputs[0].shape)
     dataset = load_dataset(data, image_size=shape[2:4] if len(shape) == 4 else None,
@@ -469,7 +470,6 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
     x, _ = prepare(dataset, shape)
     result = population_statistics(torch_model, (x[b] for b in batches(x, batch_size)), max_batches=max_batches,
                                    pooled=pooled)
-    config = (read_checkpoint_config(weights) if weights else None) or {"model": model}
     config["calibration"] = {**result.summary(), "data": dataset.name, "batch_size": batch_size}
     save_checkpoint(torch_model, output, config)
     if json_mode:

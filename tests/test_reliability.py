@@ -527,3 +527,32 @@ def test_report_md_escapes_names(hostile_model, tmp_path):
     assert "tab\\|pipe\\<script\\>\\`tick\\`\\\\u202egnp.exe" in md  # a table cell that stays one cell
     assert "\\[link=http://evil.example\\]click\\[/link\\]" in md
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_random_hostile_names(tmp_path):
+    """Random node names built from control characters (C0, DEL, C1), escape sequences, rich markup, emoji
+    codes and bidi overrides: inspect and fold exit 0, print no control character (newlines aside), and
+    --json gives the names back exactly. BNFOLD_FUZZ_N sets the number of models (20 in CI)."""
+    rng = np.random.default_rng(13)
+    pieces = ([chr(c) for c in list(range(0, 32)) + [127] + list(range(128, 160))] +
+              ["\x1b[31m", "\x1b]0;t\x07", "\x1b]8;;http://x\x1b\\", "\x1bP", "\x9b2J", "[", "]", "[/]",
+               "[link=http://x]", "[bold]", ":smile:", "\u202e", "\u2066", "\u200b", "|", "`", "<b>",
+               "a", "b", "é", "中", " ", "/", "\\"])
+    n = int(os.environ.get("BNFOLD_FUZZ_N", 20))
+    for trial in range(n):
+        names = []
+        while len(names) < 2:
+            name = "".join(pieces[i] for i in rng.integers(0, len(pieces), rng.integers(1, 8)))
+            if name not in names and "\x00" not in name:
+                names.append(name)
+        p = tmp_path / f"m{trial}.onnx"
+        onnx.save(small_model(*names), p)
+        r = run("inspect", p)
+        assert r.exit_code == 0, (names, r.output)
+        r2 = run("fold", p, "-o", tmp_path / f"f{trial}.onnx", "--report", tmp_path / f"r{trial}.json")
+        assert r2.exit_code == 0, (names, r2.output)
+        for text in (r.output, r2.output):
+            bad = [c for c in text if c != "\n" and (ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u202e\u2066\u200b")]
+            assert not bad, (names, bad)
+        r3 = run("inspect", p, "--json")
+        assert sorted(e["bn"] for e in json.loads(r3.stdout)["entries"]) == sorted(names)

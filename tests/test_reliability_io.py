@@ -210,7 +210,7 @@ def test_concurrent_folds_from_threads(tmp_path):
         barrier = threading.Barrier(3)
         errors = []
 
-        def work(p):
+        def work(p, out=out, barrier=barrier, errors=errors):
             try:
                 barrier.wait()
                 fold_onnx_file(p, out, check=False)
