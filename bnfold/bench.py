@@ -354,6 +354,7 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
 
 def plot(run: BenchRun, path: str | os.PathLike) -> Path:
     """A PNG: p50 latency with its 95% interval, per model, grouped by setting."""
+    from bnfold.outputs import save_figure
     try:
         import matplotlib
 
@@ -391,7 +392,7 @@ def plot(run: BenchRun, path: str | os.PathLike) -> Path:
                  f"threads {run.config.get('threads') or 'default'}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:
+        return save_figure(fig, path)  # checks the suffix, writes atomically, never through a link
+    finally:
+        plt.close(fig)

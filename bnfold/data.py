@@ -47,10 +47,12 @@ def load_npz(path: str | Path) -> Dataset:
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:
         raise BnfoldError(f"{p}: not a readable .npz file ({exc}); object arrays are refused") from None
+    for key, a in arrays.items():
+        _check_npz_array(p, key, a)
     labels = None
     for key in ("labels", "y"):
         if key in arrays:
-            labels = np.asarray(arrays.pop(key)).astype(np.int64).reshape(-1)
+            labels = _labels(p, key, arrays.pop(key))
             break
     if not arrays:
         raise BnfoldError(f"{p}: no input arrays (expected 'x' or arrays named after the model inputs)")
@@ -73,8 +75,8 @@ def load_image_folder(path: str | Path, size: tuple[int, int] | None = None, cha
     xs, ys = [], []
     for i, c in enumerate(classes):
         for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                continue  # a FIFO, device or folder named like an image is never opened
             try:
                 img = Image.open(f).convert("L" if channels == 1 else "RGB")
             except Exception as exc:
@@ -202,3 +204,23 @@ def sample_shape_of(ds: Dataset, *, layout: str = "nchw") -> tuple:
     if layout == "nhwc" and x.ndim >= 3:
         return tuple(np.moveaxis(np.empty((0,) + tuple(x.shape[1:])), -1, 1).shape[1:])
     return tuple(x.shape[1:])
+
+
+def _check_npz_array(p: Path, key: str, a: np.ndarray) -> None:
+    """Arrays are numbers with a sample axis: no 0-d arrays, strings, bytes or objects."""
+    if a.dtype.kind not in "biuf":
+        raise BnfoldError(f"{p}: array '{key}' has dtype {a.dtype}; inputs and labels must be numbers")
+    if a.ndim == 0:
+        raise BnfoldError(f"{p}: array '{key}' is a scalar; every array needs the sample axis first")
+
+
+def _labels(p: Path, key: str, a: np.ndarray) -> np.ndarray:
+    """Class indices: integers >= 0 (floats only when they hold whole numbers)."""
+    a = np.asarray(a).reshape(-1)
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise BnfoldError(f"{p}: '{key}' holds non-integer values; labels are class indices 0, 1, 2, ...")
+    if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int64).max):
+        raise BnfoldError(f"{p}: '{key}' holds negative or huge values (min {a.min()}); labels are class "
+                          "indices 0, 1, 2, ...")
+    return a.astype(np.int64)

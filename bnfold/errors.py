@@ -21,3 +21,12 @@ class VerificationFailed(Exception):
 
 class InternalError(RuntimeError):
     """bnfold produced something invalid from a valid input: a bug (exit 3), never blamed on the input."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (the command line's handler raises it so that ``finally`` blocks clean up; exit 143).
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

@@ -10,16 +10,10 @@ from bnfold.check import folded_checker
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold import FoldOptions, fold_model
 from bnfold.onnx_io import load_model, save_model
+from bnfold.outputs import OutputPlan
 from bnfold.report import FoldReport
 
 log = logging.getLogger(__name__)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = None) -> FoldReport:
@@ -44,10 +38,10 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
         if dst is None:
             raise BnfoldError("no output path: pass -o OUT.onnx (or --dry-run)")
         dst_p = Path(dst)
-        if (_same_file(src_p, dst_p) or src_p.resolve() == dst_p.resolve()) and not in_place:
-            raise BnfoldError(f"output {dst_p} is the input file: choose another path or pass --in-place")
         if dst_p.exists() and dst_p.is_dir():
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
+        # the output (and the old data files its write removes) must not be the input or its external data
+        OutputPlan().read_model(src_p).write_model(dst_p, "output", in_place=in_place).check()
     loaded = load_model(src_p)
     # without --verify the original is not needed again: fold the loaded model in place (no copy)
     folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,

@@ -5,22 +5,33 @@
   symlink out) before any external data is read.
 * Saving is atomic: everything is written into a temporary folder beside the output and renamed into place,
   so a failure leaves no partial file. Models that used external data, or that exceed protobuf's 2 GB limit,
-  are saved with their tensors in ``<output>.data`` next to the output.
+  are saved with their tensors in ``<output>.<12 hex>.data`` next to the output (a fresh name per write, so
+  that model and data switch as one unit: see :func:`save_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import set_external_data, uses_external_data
 
 from bnfold.errors import BnfoldError
+from bnfold.outputs import (
+    check_target,
+    clean_stale_temps,
+    critical_section,
+    folder_lock,
+    fsync_file,
+    model_companions,
+    new_data_name,
+    temp_name,
+)
 
 MIN_OPSET = 6
 _2GB = 2**31 - 1
@@ -66,12 +77,33 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+def _external_entries(t: onnx.TensorProto, label: str) -> dict[str, str]:
+    """The external_data key/values of a tensor, validated: a location that is text without NUL, and
+    offset/length that are non-negative decimal integers."""
+    entries = {}
+    for e in t.external_data:
+        if isinstance(e.key, bytes) or isinstance(e.value, bytes):
+            raise BnfoldError(f"{label}: tensor '{t.name}' has external-data fields that are not valid UTF-8; "
+                              "the file is corrupted")
+        entries[e.key] = e.value
+    loc = entries.get("location", "")
+    if "\x00" in loc:
+        raise BnfoldError(f"{label}: tensor '{t.name}' has a NUL character in its external-data location "
+                          f"{loc!r}; the file is corrupted")
+    for key in ("offset", "length"):
+        value = entries.get(key)
+        if value is not None and not (value.isascii() and value.isdigit()):
+            raise BnfoldError(f"{label}: tensor '{t.name}' has external-data {key} {value!r}, not a non-negative "
+                              "integer; the file is corrupted")
+    return entries
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path, label: str = "model") -> None:
     base_real = base.resolve()
     for t in iter_model_tensors(model):
         if not uses_external_data(t):
             continue
-        loc = ExternalDataInfo(t).location
+        loc = _external_entries(t, label).get("location", "")
         p = Path(loc)
         if not loc or p.is_absolute() or ".." in p.parts or loc.startswith(("/", "\\")):
             raise BnfoldError(
@@ -86,7 +118,8 @@ def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
             )
         if not target.is_file():
             raise BnfoldError(
-                f"tensor '{t.name}' needs external data file '{loc}', which is missing next to the model"
+                f"tensor '{t.name}' needs external data file '{loc}', which is missing next to the model "
+                "(or is not a regular file)"
             )
 
 
@@ -109,7 +142,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     validate_model(model, str(p))
     external = any(uses_external_data(t) for t in iter_model_tensors(model))
     if external:
-        _check_external_locations(model, p.parent)
+        _check_external_locations(model, p.parent, str(p))
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
@@ -158,18 +191,31 @@ def _check_text_fields(graph: onnx.GraphProto, label: str) -> None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
                copy: bool = True, validate: Callable[[Path], None] | None = None) -> Path:
-    """Atomically write ``model`` to ``path``. Tensors go to ``<name>.data`` beside it when ``external_data``
-    is set or the model would not fit in one protobuf (2 GB). With ``copy=False`` the tensors of ``model`` may
-    be moved to external storage in place (saves memory when the caller discards the model). ``validate`` is
-    called with the written temporary file before it is renamed into place; if it raises, nothing is written."""
+    """Atomically write ``model`` to ``path``. Tensors go to ``<name>.<12 hex>.data`` beside it (a fresh
+    name per write) when ``external_data`` is set or the model would not fit in one protobuf (2 GB). With
+    ``copy=False`` the tensors of ``model`` may be moved to external storage in place (saves memory when the
+    caller discards the model). ``validate`` is called with the written temporary file before it is renamed
+    into place; if it raises, nothing is written.
+
+    Model and data are one unit: both are written into a temporary folder beside the output, then, under a
+    lock on the folder, the data file is renamed to its fresh name, the model renamed over ``path`` (the
+    switch), and only then the old model's data files removed. A crash at any instant leaves the old model
+    with its data or the new one with its data; concurrent writers to one path end with one complete result;
+    nothing depends on the working directory."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise BnfoldError(f"{out}: output folder {parent} does not exist")
+    check_target(out)
     if not external_data and tensor_bytes(model) > _2GB // 2:
         external_data = True
-    data_name = out.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    clean_stale_temps(parent)
+    data_name = new_data_name(out)
+    tmpdir = parent / temp_name(out)
+    try:
+        os.mkdir(tmpdir, 0o700)
+    except OSError as exc:
+        raise BnfoldError(f"{out}: cannot write in folder {parent} ({exc.strerror})") from None
     try:
         tmp_model = tmpdir / out.name
         if external_data:
@@ -182,20 +228,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             for t in iter_model_tensors(m):  # drop stale external references from the source file
                 if uses_external_data(t):
                     raise AssertionError("model tensors must be loaded before saving")
-            onnx.save_model(m, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            for t in _iter_initializers(m.graph):
+                if t.HasField("raw_data") and len(t.raw_data) >= 1024:
+                    set_external_data(t, data_name)
+            # (not save_as_external_data: its "data file exists" check looks in the working directory)
+            onnx.save_model(m, str(tmp_model))
         else:
             onnx.save_model(model, str(tmp_model))
+        has_data = (tmpdir / data_name).exists()
         if validate is not None:
             validate(tmp_model)
-        if (tmpdir / data_name).exists():
-            os.replace(tmpdir / data_name, parent / data_name)
-        os.replace(tmp_model, out)
-        if not external_data and (parent / data_name).is_file():
-            (parent / data_name).unlink()  # a data file an earlier save of this output left behind
+        for f in ([tmpdir / data_name] if has_data else []) + [tmp_model]:
+            fsync_file(f)
+        with folder_lock(parent), critical_section():
+            check_target(out)
+            old = [f for f in model_companions(out) if f.name != data_name]
+            if has_data:
+                os.replace(tmpdir / data_name, parent / data_name)
+            os.replace(tmp_model, out)
+            for f in old:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of a graph and of its subgraphs (what onnx stores externally)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _iter_initializers(attr.g)
+            for g in attr.graphs:
+                yield from _iter_initializers(g)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -210,17 +277,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; ``path`` must be
+    absent or a regular file (never a symlink, FIFO or device, which would be replaced)."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise BnfoldError(f"{out}: output folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    check_target(out)
+    clean_stale_temps(parent)
+    tmp = parent / temp_name(out)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise BnfoldError(f"{out}: cannot write in folder {parent} ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, out)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with critical_section():
+            check_target(out)
+            os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import onnx
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError
 from bnfold.onnx_io import save_model, write_text_atomic
+from bnfold.outputs import OutputPlan, markdown_text, printable, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
     if data is not None:  # the data must fit before the first file is written
         _check_run_data(model, data, example_inputs, input_names)
     out = Path(outdir)
+    OutputPlan().write_folder(out, FILES, "output folder", models=FILES[:2]).check()
     out.mkdir(parents=True, exist_ok=True)
     step = step or (lambda msg: log.info(msg))
     timings: dict[str, float] = {}
@@ -107,7 +108,7 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
     report["passed"] = bool(result.passed)
     for f in FILES:
         report["files"][f] = str(out / f)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.json", strict_json(report) + "\n")
     write_text_atomic(out / "report.md", render_markdown(report))
     return report
 
@@ -121,7 +122,7 @@ def render_markdown(r: dict) -> str:
     fold, ver, bench = r["fold"], r["verify"], r["bench"]
     env = bench["env"]
     cfg = bench["config"]
-    lines = [f"# bnfold report: {r['model']}", "",
+    lines = [f"# bnfold report: {markdown_text(r['model'])}", "",
              f"{'**PASSED**' if r['passed'] else '**FAILED**'}: {fold['folded']} of {fold['bn_total']} BatchNorm folded, "
              f"{fold['skipped']} skipped; the folded model {'matches' if ver['passed'] else 'does NOT match'} the "
              f"original on {ver['samples']} samples ({ver['inputs']}).", "",
@@ -141,11 +142,11 @@ def render_markdown(r: dict) -> str:
               "layer after it), or skipped and why.", "",
               "| BatchNorm | result | into | reason | detail |", "|---|---|---|---|---|"]
     for e in fold["entries"]:
-        name = e.get("layer") or e["bn"]
+        name = markdown_text(e.get("layer") or e["bn"])
         if e["status"] == "folded":
-            lines.append(f"| {name} | folded ({e['direction']}) | {e.get('into_layer') or e['into']} | | |")
+            lines.append(f"| {name} | folded ({e['direction']}) | {markdown_text(e.get('into_layer') or e['into'])} | | |")
         else:
-            lines.append(f"| {name} | **skipped** | | `{e['reason']}` | {e['message']} |")
+            lines.append(f"| {name} | **skipped** | | `{e['reason']}` | {markdown_text(e['message'])} |")
     if fold.get("onnx_pass"):
         op = fold["onnx_pass"]
         lines += ["", f"After export, the ONNX pass saw {op['bn_total']} BatchNormalization left and folded "
@@ -159,7 +160,7 @@ def render_markdown(r: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---|---|"]
     for name, s in ver["outputs"].items():
         cos = "NaN" if s["cosine"] is None else f"{s['cosine']:.6f}"
-        lines.append(f"| {name} | {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | {_fmt(s['p99_abs'])} | "
+        lines.append(f"| {markdown_text(name)} | {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | {_fmt(s['p99_abs'])} | "
                      f"{_fmt(s['max_rel'])} | {cos} | {_fmt(s['atol'])} + {s['rtol']:.0e}·abs(ref) | "
                      f"{'yes' if s['passed'] else '**no**'} |")
     lines.append("")
@@ -171,8 +172,10 @@ def render_markdown(r: dict) -> str:
                      f"{100 * a['candidate']:.2f}% (delta {100 * a['delta']:+.2f} points).")
     if ver.get("first_divergence"):
         fd = ver["first_divergence"]
-        lines.append(f"First divergence: node {fd['node']} (layer {fd.get('layer')}), fold of {fd.get('fold')}.")
-    lines += ["", f"Verdict: `{ver['verdict']}`", "", "## Latency", "",
+        lines.append(f"First divergence: node {markdown_text(fd['node'])} (layer {markdown_text(fd.get('layer'))}), "
+                     f"fold of {markdown_text(fd.get('fold'))}.")
+    verdict = printable(ver["verdict"]).replace("`", "'")  # shown in a code span
+    lines += ["", f"Verdict: `{verdict}`", "", "## Latency", "",
               f"Original and folded timed interleaved (each runs once per round, start rotating) on the same "
               f"session settings: warm-up {cfg['warmup']} runs, {cfg['iters']} rounds, threads "
               f"{cfg['threads'] or 'runtime default'}, IO binding {'on GPU providers' if cfg['io_binding'] is None else cfg['io_binding']}. "
@@ -188,7 +191,7 @@ def render_markdown(r: dict) -> str:
                      f"{x['p50_ms']:.3f} | {x['ci95_ms'][0]:.3f}-{x['ci95_ms'][1]:.3f} | {x['p90_ms']:.3f} | "
                      f"{x['p99_ms']:.3f} | {x['mean_ms']:.3f} | {ratio} |")
     for s in bench.get("skipped", []):
-        lines.append(f"\nSkipped {s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
+        lines.append(f"\nSkipped {s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {markdown_text(s['reason'])}")
     lines += ["", "![latency](latency.png)", "", "## Environment", "",
               f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores); GPU: {env.get('gpu', 'none')}",
               f"- {env.get('platform')}; Python {env.get('python')}; ONNX Runtime {env.get('onnxruntime')}; "

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 
+MAX_INPUT_ELEMENTS = 2**31 - 1  # per input: beyond int32 indexing, and 8 GB of float32
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -40,6 +42,9 @@ def parse_input_shape(text: str) -> InputSpec:
         raise BnfoldError(f"--input-shape '{text}': expected dimensions like 1x3x224x224 (or NAME=1x3x224x224)") from None
     if not shape or any(d <= 0 for d in shape):
         raise BnfoldError(f"--input-shape '{text}': every dimension must be a positive integer")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise BnfoldError(f"--input-shape '{text}': {math.prod(shape):.3g} elements is too large for an example "
+                          f"input (at most {MAX_INPUT_ELEMENTS:,}); give the shape of one real input")
     return InputSpec(name or None, shape)
 
 
@@ -62,6 +67,9 @@ def resolve_factory(spec: str):
     mod_name, attr = spec.split(":", 1)
     try:
         obj = importlib.import_module(mod_name)
+    except SystemExit as exc:
+        raise BnfoldError(f"importing '{mod_name}' for '{spec}' called sys.exit({exc.code!r}); "
+                          "a model module must not exit") from None
     except Exception as exc:
         raise BnfoldError(f"cannot import '{mod_name}' for '{spec}' ({type(exc).__name__}: {exc}); "
                           "is the package installed and on PYTHONPATH?") from None
@@ -83,6 +91,9 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a deterministic initialisation when no weights are given
             model = factory()
+    except SystemExit as exc:
+        raise BnfoldError(f"calling '{spec}' called sys.exit({exc.code!r}); a factory must return a module, "
+                          "not exit") from None
     except Exception as exc:
         raise BnfoldError(f"calling '{spec}' failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(model, nn.Module):
@@ -178,7 +189,12 @@ def example_inputs(shapes: list[InputSpec], default_shape: tuple[int, ...] | Non
             raise BnfoldError("the model's input shape is unknown: pass --input-shape, e.g. --input-shape 1x3x224x224")
         shapes = [InputSpec(None, tuple(default_shape))]
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(s.shape, generator=g) for s in shapes)
+    try:
+        return tuple(torch.randn(s.shape, generator=g) for s in shapes)
+    except (RuntimeError, MemoryError) as exc:
+        shape = "x".join(map(str, max((s.shape for s in shapes), key=math.prod)))
+        raise BnfoldError(f"cannot allocate an example input of shape {shape} ({type(exc).__name__}); "
+                          "pass a smaller --input-shape") from None
 
 
 def is_onnx_path(model: str) -> bool:

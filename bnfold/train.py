@@ -58,6 +58,8 @@ def prepare(data: Dataset, input_shape: tuple) -> tuple[torch.Tensor, torch.Tens
         raise BnfoldError(f"data '{data.name}' has no labels: training needs 'y'/'labels' or class folders")
     x = torch.from_numpy(np.asarray(next(iter(data.inputs.values())), np.float32))
     y = torch.from_numpy(np.asarray(data.labels, np.int64))
+    if y.numel() and int(y.min()) < 0:
+        raise BnfoldError(f"data '{data.name}' has negative labels ({int(y.min())}); labels are class indices 0, 1, ...")
     sample = tuple(input_shape[1:])
     if tuple(x.shape[1:]) == sample:
         return x, y
@@ -87,6 +89,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def batches(x: torch.Tensor, batch_size: int, *, shuffle: bool = False, generator=None, drop_singleton=True):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BnfoldError(f"batch size {batch_size!r}: give a positive integer (at least 2 for BatchNorm)")
     idx = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     for i in range(0, len(x), batch_size):
         b = idx[i:i + batch_size]
@@ -101,9 +105,15 @@ def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: fl
           on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train zoo model ``name`` and install Algorithm 2 population statistics over its training set."""
     entry = zoo.get(name)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise BnfoldError(f"epochs {epochs!r}: train at least 1 epoch")
+    if not isinstance(batch_size, int) or batch_size < 2:
+        raise BnfoldError(f"batch size {batch_size!r}: at least 2 (BatchNorm normalises over the batch)")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise BnfoldError(f"learning rate {lr!r}: give a positive number")
+    device = _device(device)
     if isinstance(data, str):
         data = load_dataset(data, image_size=tuple(entry.input_shape[2:4]) if len(entry.input_shape) == 4 else None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = prepare(data, entry.input_shape)
@@ -149,6 +159,24 @@ def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: fl
     return TrainResult(model.eval().cpu(), name, history, test_acc, cal, config)
 
 
+def _device(device: str | None) -> str:
+    """``device`` checked: a torch device name that exists here (default: cuda when available)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BnfoldError(f"--device '{device}': not a device name; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BnfoldError(f"--device '{device}': no CUDA GPU is available here; use --device cpu")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as exc:
+        raise BnfoldError(f"--device '{device}': cannot use it here ({str(exc).splitlines()[0][:200]}); "
+                          "use --device cpu") from None
+    return str(dev)
+
+
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
     with torch.no_grad():
@@ -175,15 +203,27 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict) -> 
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
-    """The bnfold config stored in a checkpoint, or None (reads no pickle)."""
+    """The bnfold config stored in a checkpoint, or None (reads no pickle). A config that is present but
+    not a JSON object is bad input (:class:`BnfoldError`)."""
     p = Path(path)
     try:
         if p.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
-            return json.loads(meta["bnfold.config"]) if "bnfold.config" in meta else None
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        return json.loads(obj["bnfold"]) if isinstance(obj, dict) and "bnfold" in obj else None
+            text = meta.get("bnfold.config")
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            text = obj.get("bnfold") if isinstance(obj, dict) else None
     except Exception:
         return None
+    if text is None:
+        return None
+    try:
+        config = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise BnfoldError(f"{p}: its bnfold config is not a JSON object; remove the 'bnfold.config' metadata "
+                          "(or the 'bnfold' entry) or write it as a JSON object")
+    return config

@@ -13,17 +13,45 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.text import Text
 
-from bnfold.errors import BnfoldError, VerificationFailed
+from bnfold.errors import BnfoldError, Terminated, VerificationFailed
+from bnfold.outputs import handle_signals, printable, strict_json
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
-err_console = Console(stderr=True, highlight=False)
+
+class SafeConsole(Console):
+    """A console on which text is data: no markup, no emoji codes, no highlighting, and every string printed
+    has its control characters escaped (a node name cannot move the cursor, set the title or write the
+    clipboard). Styling is given explicitly with :func:`styled` pieces."""
+
+    def __init__(self, **kwargs):
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+    def print(self, *objects, **kwargs):
+        kwargs.pop("markup", None)
+        kwargs.setdefault("soft_wrap", True)
+        super().print(*(Text(printable(o)) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+def styled(text, style: str) -> Text:
+    """``text`` (escaped) in ``style``: the only way to colour output on a :class:`SafeConsole`."""
+    return Text(printable(text), style=style)
+
+
+err_console = SafeConsole(stderr=True)
 
 
 def out_console(json_mode: bool) -> Console:
     """Where human-readable output goes: stderr when stdout carries JSON."""
-    return err_console if json_mode else Console(highlight=False)
+    return err_console if json_mode else SafeConsole()
+
+
+class _SafeFormatter(logging.Formatter):
+    def formatMessage(self, record):  # noqa: N802 (logging's name)
+        return printable(super().formatMessage(record))
 
 
 def common_options(f):
@@ -36,30 +64,38 @@ def common_options(f):
     def wrapper(*args, verbose: int, quiet: bool, debug: bool, **kwargs):
         level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 or debug else
                                              logging.INFO if verbose else logging.WARNING)
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                            force=True)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler], force=True)
         ctx = click.get_current_context()
         ctx.meta["quiet"] = quiet
         try:
-            return f(*args, **kwargs)
+            with handle_signals():  # SIGINT/SIGTERM unwind (temporaries removed), then exit 130/143
+                return f(*args, **kwargs)
         except BnfoldError as exc:
             if debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err_console.print(styled("error:", "bold red"), str(exc))
             ctx.exit(EXIT_BAD_INPUT)
         except VerificationFailed as exc:
             json_mode = kwargs.get("json_mode", False)
             if json_mode:
-                click.echo(exc.result.to_json())
-            err_console.print(exc.result.verdict() + " (nothing written)", soft_wrap=True, markup=False)
+                click.echo(strict_json(exc.result.to_dict()))
+            err_console.print(exc.result.verdict() + " (nothing written)")
             ctx.exit(EXIT_FAILED)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        except KeyboardInterrupt:
+            err_console.print(styled("interrupted", "bold red"), "(SIGINT; temporary files removed)")
+            ctx.exit(EXIT_SIGINT)
+        except Terminated:
+            err_console.print(styled("terminated", "bold red"), "(SIGTERM; temporary files removed)")
+            ctx.exit(EXIT_SIGTERM)
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # a bug: still one line unless --debug
             if debug:
                 raise
-            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug "
-                              "for the traceback and report it)", soft_wrap=True, markup=False)
+            err_console.print(styled("internal error:", "bold red"), f"{type(exc).__name__}: {exc} (rerun with "
+                              "--debug for the traceback and report it)")
             ctx.exit(EXIT_INTERNAL)
 
     return wrapper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from bnfold.errors import BnfoldError
 from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file
 from bnfold.onnx_fold import FoldOptions
 from bnfold.onnx_io import write_text_atomic
+from bnfold.outputs import FIGURE_SUFFIXES, OutputPlan, strict_json
 
 from .common import (
     EXIT_FAILED,
@@ -21,6 +21,7 @@ from .common import (
     fold_options,
     json_option,
     out_console,
+    styled,
     torch_model_options,
     verify_options,
 )
@@ -54,12 +55,6 @@ def _options(lower_standalone: bool, no_forward: bool, no_affine: bool) -> FoldO
     return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone)
 
 
-def _check_report_path(path: Path | None) -> None:
-    """Refuse a report path that cannot be written before anything else is written."""
-    if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
-        raise BnfoldError(f"--report {path}: folder {path.parent} does not exist")
-
-
 def _is_onnx(model: str) -> bool:
     from bnfold.torch_io import is_onnx_path
     return is_onnx_path(model)
@@ -72,15 +67,15 @@ def _load_torch(model: str, weights, input_shape, trust_pickle):
 
 def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: Path | None):
     if report_path is not None:
-        write_text_atomic(report_path, report.to_json() + "\n")
+        write_text_atomic(report_path, strict_json(report.to_dict()) + "\n")
     con = out_console(json_mode)
     if json_mode:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(strict_json(report.to_dict()))
     elif not click.get_current_context().meta.get("quiet") and report.entries:
         con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm"))
     for w in report.extra.get("warnings", []):
-        con.print(f"[yellow]warning:[/] {w}")
-    con.print(verdict, soft_wrap=True)
+        con.print(styled("warning:", "yellow"), w)
+    con.print(verdict)
 
 
 @main.command()
@@ -135,7 +130,10 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
-    _check_report_path(report_path)
+    plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
+    plan.read(data if do_verify else None, "--data")
+    plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
+    plan.write(report_path, "--report").check()
     options = _options(**opts)
     verify = None
     if do_verify and not dry_run:
@@ -174,7 +172,7 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     """
     if _is_onnx(model):
         raise BnfoldError(f"{model} is already ONNX: use 'bnfold fold {model} -o OUT.onnx' to fold it")
-    _check_report_path(report_path)
+    OutputPlan().read(weights, "--weights").write_model(output, "-o").write(report_path, "--report").check()
     torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
     _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold)
     if no_fold:
@@ -247,13 +245,13 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
                         seed=seed, max_samples=max_samples)
     con = out_console(json_mode)
     if json_mode:
-        click.echo(result.to_json())
+        click.echo(strict_json(result.to_dict()))
     elif not click.get_current_context().meta.get("quiet"):
         from .render import verify_table
         con.print(verify_table(result))
     for note in result.notes:
-        con.print("note: " + note, soft_wrap=True, markup=False)
-    con.print(result.verdict(), soft_wrap=True, markup=False)
+        con.print(styled("note:", "yellow"), note)
+    con.print(result.verdict())
     sys.exit(EXIT_OK if result.passed else EXIT_FAILED)
 
 
@@ -321,6 +319,10 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
     from bnfold.bench import plot
     from bnfold.torch_io import parse_input_shape
 
+    plan = OutputPlan()
+    for m in models if runtime == "ort" else ():
+        plan.read_model(m, f"model {m}")
+    plan.write(plot_path, "--plot", suffixes=FIGURE_SUFFIXES).check()
     shapes = [parse_input_shape(s) for s in input_shape]
     ep_options = {}
     for item in ep_option:
@@ -350,12 +352,12 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
     if plot_path is not None:
         plot(run, plot_path)
     if json_mode:
-        click.echo(json.dumps(run.to_dict(), indent=2))
+        click.echo(strict_json(run.to_dict()))
     else:
         from .render import bench_table
         con.print(bench_table(run))
     for s in run.skipped:
-        con.print(f"[yellow]skipped[/] {s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
+        con.print(styled("skipped", "yellow"), f"{s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
     last = [r for r in run.results if r.ratio is not None and r is not run.results[0]]
     summary = f"{len(run.results)} measurement(s), {len(run.skipped)} skipped"
     if last:
@@ -371,9 +373,11 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
               help="Checkpoint to write (.safetensors, or .pt/.pth weights-only).")
 @click.option("--data", default="digits", show_default=True, metavar="digits|FILE.npz|DIR",
               help="Training data: the bundled digits, an .npz with x and y, or an image folder.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Mini-batch size (at least 2: BatchNorm needs two samples).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
               help="SGD with momentum 0.9, or Adam.")
@@ -401,12 +405,12 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
         raise BnfoldError(str(exc).strip("'\"")) from None
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
-    if not output.parent.exists():
-        raise BnfoldError(f"{output}: folder {output.parent} does not exist")
+    OutputPlan().read(data, "--data").write(output, "-o").check()
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TimeRemainingColumn(), console=con, disable=bool(quiet)) as progress:
+                  TimeRemainingColumn(), console=con, disable=bool(quiet) or not con.is_terminal,
+                  transient=True) as progress:
         task = progress.add_task(f"training {name}", total=None)
 
         def on_step(k, total):
@@ -419,7 +423,7 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
                        optimizer=optimizer, on_epoch=on_epoch, on_step=on_step)
     save_checkpoint(result.model, output, result.config)
     if json_mode:
-        click.echo(json.dumps(result.config, indent=2))
+        click.echo(strict_json(result.config))
     cal = result.calibration.summary()
     con.print(f"TRAINED | {name}: test accuracy {100 * result.test_accuracy:.2f}% with Algorithm 2 statistics "
               f"({cal['batches']} batches, {cal['samples']} samples) -> {output}", soft_wrap=True, markup=False)
@@ -431,8 +435,9 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write with the new statistics (.safetensors or .pt/.pth).")
 @click.option("--data", required=True, metavar="digits|FILE.npz|DIR", help="Calibration (training) data.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Mini-batch size (Algorithm 2's m).")
-@click.option("--max-batches", type=int, default=None, help="Use at most this many batches.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Mini-batch size (Algorithm 2's m; at least 2).")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Use at most this many batches.")
 @click.option("--pooled", is_flag=True, help="Exact pooled variance of all values instead of Algorithm 2.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
               help="State dict for MODEL (.pt/.pth weights-only, or .safetensors).")
@@ -459,12 +464,13 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
+    OutputPlan().read(weights, "--weights").read(data, "--data").write(output, "-o").check()
     torch_model, result, config = calibrate_spec(model, data, weights=weights, trust_pickle=trust_pickle,
                                                  input_shapes=list(input_shape), batch_size=batch_size,
                                                  max_batches=max_batches, pooled=pooled, layout=layout)
     save_checkpoint(torch_model, output, config)
     if json_mode:
-        click.echo(json.dumps(config["calibration"], indent=2))
+        click.echo(strict_json(config["calibration"]))
     con = out_console(json_mode)
     for name, reason in result.skipped.items():
         con.print(f"skipped {name}: {reason}", soft_wrap=True, markup=False)
@@ -484,14 +490,14 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 
     def step(msg):
         if not quiet:
-            con.print(f"[dim]- {msg}[/]")
+            con.print(styled(f"- {msg}", "dim"))
     options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads)
     report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                           calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
     from bnfold.pipeline import run_verdict
 
     if json_mode:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(strict_json(report))
     passed, line = run_verdict(report, outdir)
     con.print(line, soft_wrap=True, markup=False)
     return EXIT_OK if passed else EXIT_FAILED
@@ -522,8 +528,11 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weigh
       bnfold run small_resnet --weights trained.safetensors --data digits -o out/
       bnfold run model.onnx -o out/ --ep cpu,cuda --batch 1,8
     """
-    from bnfold.pipeline import prepare_run
+    from bnfold.pipeline import FILES, prepare_run
 
+    plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
+    plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
+    plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
     r = prepare_run(model, data=data, calibrate_data=calibrate_data, weights=weights, input_shapes=list(input_shape),
                     trust_pickle=trust_pickle, layout=layout)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
@@ -535,7 +544,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weigh
 @click.option("-o", "--outdir", default="bnfold-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the demo's files.")
 @click.option("--model", "name", default="small_resnet", show_default=True, help="Zoo model to train.")
-@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @json_option
 @common_options
 def demo(outdir, name, epochs, json_mode):
@@ -549,14 +558,15 @@ def demo(outdir, name, epochs, json_mode):
     import torch
 
     from bnfold.models import zoo
-    from bnfold.pipeline import digits_for
+    from bnfold.pipeline import FILES, digits_for
     from bnfold.runtime import provider_works
     from bnfold.train import train
 
+    OutputPlan().write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
     if not quiet:
-        con.print(f"[dim]- training {name} on the bundled digits ({epochs} epochs)[/]")
+        con.print(styled(f"- training {name} on the bundled digits ({epochs} epochs)", "dim"))
     result = train(name, "digits", epochs=epochs, lr=0.05, device="cpu")
     shape = zoo.get(name).input_shape
     eps = ["cpu"] + (["cuda"] if provider_works("cuda") else [])
