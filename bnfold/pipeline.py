@@ -208,7 +208,8 @@ def render_markdown(r: dict) -> str:
         lines.append(f"First divergence: node {fd['node']} (layer {fd.get('layer')}), fold of {fd.get('fold')}.")
     lines += ["", f"Verdict: `{ver['verdict']}`", "", "## Latency", "",
               f"Original and folded timed side by side on the same session settings, in {cfg.get('sessions')} fresh "
-              f"sessions per setting ({cfg.get('rounds_per_session')} rounds each, every round runs both, in "
+              f"sessions per setting (each at least {cfg.get('rounds_per_session')} rounds and "
+              f"{cfg.get('min_session_s')} s long; every round runs both, in "
               f"balanced order: original first in half the rounds), warm-up {cfg['warmup']} runs per session, "
               f"threads {cfg['threads'] or 'runtime default'}, ORT intra-op spinning "
               f"{'on' if cfg.get('spin') else 'off'}, IO binding "

@@ -287,6 +287,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
               help="Timed rounds in all, split over the sessions (each model once per round).")
 @click.option("--sessions", type=int, default=None,
               help="Fresh sessions per setting, at least 3 (default: 3-10, more for more --iters).")
+@click.option("--session-time", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Seconds each session runs at least (more rounds for fast models).")
 @click.option("--duration", type=float, default=None, help="Time for this many seconds per setting instead of --iters.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
 @click.option("--spin/--no-spin", default=False, show_default=True,
@@ -313,8 +315,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
 @json_option
 @common_options
-def bench(models, eps, opt_levels, batches, warmup, iters, sessions, duration, threads, spin, min_effect, aa,
-          aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode, input_shape, plot_path,
+def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_time, duration, threads, spin,
+          min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode, input_shape, plot_path,
           json_mode):
     """Time MODELS side by side on each provider / optimization level / batch, in several fresh sessions of
     balanced order, with p50/p90/p99, 95% intervals (hierarchical bootstrap over sessions and runs) and the
@@ -352,7 +354,7 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, duration, t
     kwargs = dict(eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters, sessions=sessions,
                   duration_s=duration, threads=threads, spin=spin, io_binding=io_binding, cuda_graph=cuda_graph,
                   input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, ep_options=ep_options,
-                  min_effect=min_effect)
+                  min_effect=min_effect, min_session_s=session_time)
     if aa:
         if len(targets) != 1:
             raise BnfoldError(f"--aa takes one model, not {len(targets)}")
@@ -378,7 +380,7 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, duration, t
         click.echo(json.dumps(run.to_dict(), indent=2))
     else:
         from .render import bench_table
-        con.print(bench_table(run, con.width if con.is_terminal else 80))
+        con.print(bench_table(run, con.width))
     for s in run.skipped:
         con.print(f"[yellow]skipped[/] {s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
     from bnfold.bench import headline

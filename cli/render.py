@@ -55,36 +55,48 @@ def bench_table(run, width: int = 80) -> Table:
 
     from bnfold.bench import judge
 
-    wide = width >= 110
+    wide, narrow = width >= 110, width < 80
     table = Table(title="latency (ms); ratio = model / first model", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
-    table.add_column("model", overflow="fold")
-    table.add_column("setting", no_wrap=True)
-    cols = ["p50", "95% CI"] + (["p90", "p99", "sessions"] if wide else []) + ["ratio", "95% CI", "verdict"]
-    for col in cols:
-        table.add_column(col, justify="right", no_wrap=True)
     names = [Path(r.model).name for r in run.results]
     if len(set(names)) < len({r.model for r in run.results}):
         names = [r.model for r in run.results]
     min_effect = run.config.get("min_effect", 0.02)
+    if narrow:  # below 80 columns: two lines per cell, so no number is ever cut
+        table.add_column("model / setting", overflow="fold")
+        for col in ("p50 / 95% CI", "ratio / 95% CI"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("verdict", overflow="fold")
+    else:
+        table.add_column("model", overflow="fold")
+        table.add_column("setting", no_wrap=True)
+        cols = ["p50", "95% CI"] + (["p90", "p99", "sessions"] if wide else []) + ["ratio", "95% CI", "verdict"]
+        for col in cols:
+            table.add_column(col, justify="right", no_wrap=True)
     for r, name in zip(run.results, names):
-        row = [Text(name), f"{r.ep} {r.opt_level} {r.batch}", _ms(r.p50_ms, r.p50_ms),
-               f"{_ms(r.ci95_ms[0], r.p50_ms)}-{_ms(r.ci95_ms[1], r.p50_ms)}"]
-        if wide:
-            row += [_ms(r.p90_ms, r.p50_ms), _ms(r.p99_ms, r.p50_ms), f"{r.sessions}x{min(r.rounds_per_session or [0])}"]
+        setting = f"{r.ep} {r.opt_level} {r.batch}"
+        p50 = _ms(r.p50_ms, r.p50_ms)
+        ci = f"{_ms(r.ci95_ms[0], r.p50_ms)}-{_ms(r.ci95_ms[1], r.p50_ms)}"
         if r.verdict is None:
-            row += ["1", "", "baseline"]
+            ratio, rci, word = "1", "", "baseline"
         else:
             v = judge(r.ratio, r.ratio_ci95, min_effect)
             word = "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}"
-            row += [f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}", word]
-        table.add_row(*row)
+            ratio, rci = f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}"
+        if narrow:
+            table.add_row(Text(f"{name}\n{setting}"), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
+            continue
+        row = [Text(name), setting, p50, ci]
+        if wide:
+            row += [_ms(r.p90_ms, r.p50_ms), _ms(r.p99_ms, r.p50_ms), f"{r.sessions}x{min(r.rounds_per_session or [0])}"]
+        table.add_row(*row, ratio, rci, word)
     env = run.env
     cfg = run.config
     table.caption = Text(
         f"setting: provider, opt level, batch. {env.get('cpu')} ({env.get('cpu_count')} cores)"
         + (f", {env['gpu']}" if env.get("gpu") else "") + f"; ORT {env.get('onnxruntime')}; {cfg['sessions']} "
-        f"sessions x {cfg['rounds_per_session']} rounds" + (f" (or {cfg['duration_s']} s)" if cfg.get("duration_s") else "")
+        f"sessions of >= {cfg['rounds_per_session']} rounds and >= {cfg.get('min_session_s')} s"
+        + (f" ({cfg['duration_s']} s in all)" if cfg.get("duration_s") else "")
         + f", warm-up {cfg['warmup']}, threads {cfg['threads'] or 'default'}, spinning {'on' if cfg.get('spin') else 'off'}; "
         f"load {cfg.get('load_start')}. A difference is named when its interval excludes 1 and it exceeds "
         f"{100 * min_effect:g}%.", justify="left")
