@@ -24,7 +24,10 @@ compiled), graph optimization levels (ORT's off/basic/extended/all: ORT folds Co
 so a before/after comparison must say which level it ran), and batch sizes. The providers a session really
 used are recorded (``get_available_providers()`` lists CUDA even where it cannot load). ONNX Runtime's intra-op
 threads spin (busy-wait) after each run by default; interleaved sessions then burn the cores their neighbours
-run on, so the benchmark turns spinning off (``session.intra_op.allow_spinning = 0``) unless asked.
+run on, so the benchmark turns spinning off (``session.intra_op.allow_spinning = 0``) unless asked. On the CPU
+provider it runs one intra-op thread unless told otherwise (``threads=0``: the runtime's choice): a run that
+spreads over every core waits for the slowest one, which on a shared machine is the one another process holds;
+one thread per run gives the steadiest comparison (``benchmarks/results/latency_aa_cpu.md`` measures both).
 """
 
 from __future__ import annotations
@@ -506,7 +509,8 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
     :func:`plan_sessions`) of balanced order, about ``iters`` rounds in all. ``io_binding`` defaults to on for
     GPU providers. ``ep_options`` are provider options for the GPU providers (CUDA: ``prefer_nhwc``,
     ``cudnn_conv_algo_search``, ``use_tf32``...); the CPU provider gets none. ``spin`` lets ORT's intra-op
-    threads busy-wait between runs. A session lasts at least ``min_session_s`` seconds (more rounds when the
+    threads busy-wait between runs. ``threads``: intra-op threads; ``None`` is 1 on the CPU provider (ORT) and the
+    runtime's choice elsewhere, 0 the runtime's choice everywhere. A session lasts at least ``min_session_s`` seconds (more rounds when the
     models are fast). Every model gets its ratio to the first, judged with ``min_effect``."""
     if runtime == "torch" and (cuda_graph or io_binding or tuple(opt_levels) != ("all",)):
         raise BnfoldError("--cuda-graph, --io-binding and --opt-level are ONNX Runtime settings: they do not apply "
@@ -525,7 +529,7 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
         for level in (opt_levels if runtime == "ort" else ["eager" if not compile_mode else "compiled"]):
             for b in batches:
                 iob = (ep != "cpu") if io_binding is None else io_binding
-                settings.append(Setting(ep, level, b, threads, iob, cuda_graph,
+                settings.append(Setting(ep, level, b, _threads(threads, ep, runtime), iob, cuda_graph,
                                         dict(ep_options or {}) if ep != "cpu" else {}, spin))
     for k, s in enumerate(settings):
         if progress:
@@ -555,7 +559,7 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
                               mean_ms=st["mean_ms"], ci95_ms=st["ci95_ms"], throughput=s.batch * 1e3 / st["mean_ms"],
                               session_ms=float(np.median(got.session_ms[i])),
                               model_mb=_model_mb(got.labels[i]) if runtime == "ort" else None,
-                              providers=got.providers[i], iters=st["n"], threads=threads,
+                              providers=got.providers[i], iters=st["n"], threads=s.threads,
                               io_binding=s.io_binding and runtime == "ort", cuda_graph=s.cuda_graph,
                               std_ms=st["std_ms"], min_ms=st["min_ms"], ep_options=s.ep_options,
                               sessions=st["sessions"], rounds_per_session=[len(x) for x in t],
@@ -573,7 +577,8 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
     config = {"runtime": runtime, "eps": list(eps), "opt_levels": list(opt_levels), "batches": list(batches),
               "warmup": warmup, "iters": iters, "sessions": n_sessions, "rounds_per_session": rounds,
               "min_session_s": min_session_s,
-              "duration_s": duration_s, "threads": threads, "spin": spin,
+              "duration_s": duration_s, "threads": _threads(threads, "cpu", runtime) if "cpu" in eps else threads,
+              "spin": spin,
               "io_binding": io_binding, "cuda_graph": cuda_graph, "compile": compile_mode,
               "ep_options": dict(ep_options or {}), "min_effect": min_effect,
               "load_start": load_start, "load_end": _loadavg(),
@@ -586,6 +591,13 @@ def bench(models: list, *, eps=("cpu",), opt_levels=("all",), batches=(1,), warm
               "timing": "wall clock (perf_counter) on CPU, IO binding + synchronize on GPU, CUDA events for torch "
                         "on GPU"}
     return BenchRun(results, skipped, environment(), config)
+
+
+def _threads(threads: int | None, ep: str, runtime: str) -> int | None:
+    """Intra-op threads for a setting: 1 on ORT's CPU provider unless given; 0 means the runtime's choice."""
+    if threads is None:
+        return 1 if (ep == "cpu" and runtime == "ort") else None
+    return threads or None
 
 
 def _loadavg() -> list[float] | None:

@@ -290,7 +290,9 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--session-time", type=click.FloatRange(0), default=0.5, show_default=True,
               help="Seconds each session runs at least (more rounds for fast models).")
 @click.option("--duration", type=float, default=None, help="Time for this many seconds per setting instead of --iters.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads (default: 1 on ORT's CPU provider, for steady side-by-side timing; 0: the "
+                   "runtime's choice).")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let ORT's intra-op threads spin between runs (off: idle sessions do not steal the cores).")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,

@@ -309,6 +309,13 @@ def test_bench_small_model(models):
     assert [len(s) for s in second.samples_ms] == [len(s) for s in first.samples_ms]  # paired by round
     assert {(r.opt_level, r.batch) for r in run.results} == {("off", 1), ("off", 2), ("all", 1), ("all", 2)}
     assert run.env["onnxruntime"] and run.env["cpu"] and run.config["spin"] is False
+    assert run.config["threads"] == 1 and all(r.threads == 1 for r in run.results)  # CPU default: one thread
+
+
+def test_thread_defaults():
+    from bnfold.bench import _threads
+    assert _threads(None, "cpu", "ort") == 1 and _threads(0, "cpu", "ort") is None and _threads(4, "cpu", "ort") == 4
+    assert _threads(None, "cuda", "ort") is None and _threads(None, "cpu", "torch") is None
 
 
 def test_cli_json_schema_and_plot(models, tmp_path):
