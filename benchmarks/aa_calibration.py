@@ -88,7 +88,7 @@ def calibration(model: Path, args) -> dict:
                    iters=args.iters, sessions=args.sessions, warmup=args.warmup,
                    progress=lambda k, n: log(f"  call {k + 1}/{n}") if k % 5 == 0 else None)
     naive = []
-    for rep, run in enumerate(res.runs):
+    for run in res.runs:
         by_setting: dict[str, list] = {}
         for r in run["results"]:
             by_setting.setdefault((r["ep"], r["opt_level"], r["batch"]), []).append(r)
@@ -105,6 +105,25 @@ def calibration(model: Path, args) -> dict:
 
 
 # "default threads": ONNX Runtime's own choice (threads=0; 2 intra-op threads on a 2-core machine)
+def reanalyse(path: Path) -> dict:
+    """The calibration section of an earlier run, its raw samples re-analysed with the current statistics."""
+    from bnfold.bench import ratio_ci
+
+    old = json.loads(Path(path).read_text())
+    comps = []
+    for run in old["calibration"]["runs"]:
+        by: dict = {}
+        for r in run["results"]:
+            by.setdefault((r["ep"], r["opt_level"], r["batch"]), []).append(r)
+        for rs in by.values():
+            for pos, r in enumerate(rs[1:], start=2):
+                rc = ratio_ci(r["samples_ms"], rs[0]["samples_ms"], block=len(williams_orders(len(rs))))
+                comps.append({"position": pos, "ratio": rc["ratio"], "ci95": rc["ci95"], "excludes_1": excludes(rc["ci95"])})
+    cfg = old["calibration"]["runs"][0]["config"]
+    return {"date": old["date"], "threads": cfg.get("threads"), "calls": len(old["calibration"]["runs"]),
+            "stats": stats(comps), "load": [old["calibration"]["load_start"], old["calibration"]["load_end"]]}
+
+
 SPIN_CONFIGS = {"default threads, spinning off": {"threads": 0, "spin": False},
                 "default threads, spinning on": {"threads": 0, "spin": True},
                 "1 thread": {"threads": 1, "spin": False}}
@@ -224,6 +243,15 @@ def write_md(path: Path, data: dict) -> None:
                   f"(p): {', '.join(f'#{k} {v:.2g}' for k, v in s['sign_test_p_by_position'].items())}. Session "
                   f"medians of one model differed by {100 * cal['session_spread_median']:.0f}% (median) and up to "
                   f"{100 * cal['session_spread_max']:.0f}%.", ""]
+    ra = data.get("reanalysed")
+    if ra:
+        s = ra["stats"]
+        lines += ["### 1b. An earlier calibration, re-analysed", "",
+                  f"The raw samples of the run of {ra['date']} ({ra['calls']} benchmarks, ONNX Runtime's default "
+                  f"threads (2 here), load {ra['load'][0]} -> {ra['load'][1]}), analysed with the current statistics: "
+                  f"{s['excluded']} of {s['comparisons']} intervals exclude 1 ({100 * s['exclusion_rate']:.1f}%); median "
+                  f"ratio {s['median_ratio']:.4f}, by listing position {fmt_pos(s['median_ratio_by_position'])}; "
+                  f"median interval width {100 * s['median_width']:.1f}%.", ""]
     sp = data.get("spinning")
     if sp:
         lines += ["## 2. Threads and spinning", "",
@@ -277,6 +305,7 @@ def main() -> None:
     ap.add_argument("--demo-reruns", type=int, default=3)
     ap.add_argument("--sections", default="calibration,spinning,acceptance,demo")
     ap.add_argument("--keep-from", default=None, help="copy the sections not run now from this earlier JSON")
+    ap.add_argument("--reanalyse-from", default=None, help="re-analyse an earlier JSON's calibration section")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -308,9 +337,11 @@ def main() -> None:
             log(f"  contradictions: {data['demo']['contradictions']}")
     data["load_end"] = load()
     data["seconds"] = round(time.time() - t0, 1)
+    if args.reanalyse_from:
+        data["reanalysed"] = reanalyse(Path(args.reanalyse_from))
     if args.keep_from:
         kept = json.loads(Path(args.keep_from).read_text())
-        for sec in ("calibration", "spinning", "acceptance", "demo"):
+        for sec in ("calibration", "spinning", "acceptance", "demo"):  # not "reanalysed"
             if sec not in sections and sec in kept:
                 data[sec] = kept[sec]
                 data.setdefault("kept", []).append(f"{sec} (from the run of {kept['date']})")

@@ -13,8 +13,8 @@ directly after every other equally often), and the rows are cycled so a session 
 create their models in the order of successive rows, so no model is always created first.
 
 Statistics (:func:`summarize`, :func:`ratio_ci`) are a hierarchical bootstrap: resample sessions, then runs
-(rounds) within each chosen session. A ratio is paired by round: per session pair the median of the per-round
-log ratios, averaged over sessions. With few sessions a bootstrap interval is too narrow (a sample of three
+(rounds) within each chosen session. A ratio is paired by round within session pairs: the median per-round log
+ratio over the rounds of one order (pooled over sessions), averaged over the orders. With few sessions a bootstrap interval is too narrow (a sample of three
 sessions under-states their spread), so the percentile interval is widened about the estimate by
 ``sqrt(S/(S-1)) * t(S-1) / z`` (S sessions). :func:`aa_check` measures a model against copies of itself and
 reports how often the 95% interval excludes 1 (it should, about 5% of the time).
@@ -138,16 +138,17 @@ def ratio_ci(a_ms, b_ms, *, block: int = 1, seed: int = 0, n_boot: int = BOOTSTR
     """Ratio a/b with a 95% hierarchical-bootstrap interval. ``a_ms`` and ``b_ms`` are per-session sample
     lists timed side by side: session k of ``a`` and session k of ``b`` are a pair, and their samples are paired
     by round (round r of one with round r of the other). ``block`` is the length of the balanced order's cycle:
-    round r of a session ran in the cycle's order r mod ``block``, so rounds of one order form a stratum in which
-    the two models always held the same positions. A session pair's estimate is the mean over strata of the
-    median per-round log ratio in the stratum (position effects cancel, and a median shrugs off a preempted
-    run); the ratio is exp of the mean over session pairs. The bootstrap resamples session pairs, then rounds
-    within each stratum of a chosen pair (both members of a round together)."""
+    round r of session k ran in the cycle's order (k + r) mod ``block`` (as :func:`measure` runs them), so the
+    rounds of one order form a stratum in which the two models always held the same positions. The estimate
+    is the mean over strata of the median per-round log ratio in the stratum, pooled over sessions: position
+    effects cancel, and a median shrugs off preempted runs and a session that went wrong. The bootstrap
+    resamples session pairs, then rounds within each stratum of a chosen pair (both members of a round
+    together), and recomputes the estimate."""
     a, b = _as_sessions(a_ms), _as_sessions(b_ms)
     if len(a) != len(b):
         raise ValueError(f"{len(a)} sessions against {len(b)}: a ratio needs paired sessions")
     d = []
-    for sa, sb in zip(a, b):
+    for k, (sa, sb) in enumerate(zip(a, b)):
         if sa.size != sb.size:
             raise ValueError("paired sessions need the same number of rounds")
         if np.any(sa <= 0) or np.any(sb <= 0):
@@ -155,9 +156,10 @@ def ratio_ci(a_ms, b_ms, *, block: int = 1, seed: int = 0, n_boot: int = BOOTSTR
         m = sa.size // block
         if m == 0:
             raise ValueError(f"a session of {sa.size} rounds holds no whole cycle of {block}")
-        d.append((np.log(sa[:m * block]) - np.log(sb[:m * block])).reshape(m, block))  # (cycle, order)
+        x = (np.log(sa[:m * block]) - np.log(sb[:m * block])).reshape(m, block)  # (cycle, round in cycle)
+        d.append(np.roll(x, k % block, axis=1))  # column = the order the round ran in
     per_session = np.array([np.median(x, axis=0).mean() for x in d])
-    point = float(per_session.mean())
+    point = float(np.median(np.concatenate(d), axis=0).mean())
     rng = np.random.default_rng(seed)
     S, L = len(d), block
     m_max = max(x.shape[0] for x in d)
@@ -168,7 +170,7 @@ def ratio_ci(a_ms, b_ms, *, block: int = 1, seed: int = 0, n_boot: int = BOOTSTR
     ks = rng.integers(0, S, size=(n_boot, S)) if S > 1 else np.zeros((n_boot, 1), dtype=np.int64)
     idx = (rng.random((n_boot, S, m_max, L)) * lens[ks][:, :, None, None]).astype(np.int64)
     vals = X[ks[:, :, None, None], idx, np.arange(L)[None, None, None, :]]
-    draws = np.median(vals, axis=2).mean(axis=2).mean(axis=1)
+    draws = np.median(vals.reshape(n_boot, S * m_max, L), axis=1).mean(axis=1)
     lo, hi = _interval(point, draws, S)
     return {"ratio": math.exp(point), "ci95": [math.exp(lo), math.exp(hi)],
             "session_ratios": [float(math.exp(v)) for v in per_session], "sessions": S, "block": block}

@@ -318,8 +318,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @json_option
 @common_options
 def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_time, duration, threads, spin,
-          min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode, input_shape, plot_path,
-          json_mode):
+          min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode,
+          input_shape, plot_path, json_mode):
     """Time MODELS side by side on each provider / optimization level / batch, in several fresh sessions of
     balanced order, with p50/p90/p99, 95% intervals (hierarchical bootstrap over sessions and runs) and the
     ratio of every model to the first; a difference is named only when its interval supports it.

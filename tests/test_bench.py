@@ -73,7 +73,7 @@ def test_ratio_ci_paired():
     removes it, so the interval is tight (an unpaired bootstrap of the same data spans tens of percent)."""
     rng = np.random.default_rng(1)
     a, b = [], []
-    for k in range(4):
+    for _ in range(4):
         drift = np.linspace(1, 3, 100) * rng.uniform(0.8, 1.2)
         a.append(2.0 * drift * rng.uniform(0.99, 1.01, 100))
         b.append(drift * rng.uniform(0.99, 1.01, 100))
