@@ -48,9 +48,10 @@ class ProviderFallback(BnfoldError):
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, ep: str = "cpu", opt_level: str = "off",
                  threads: int | None = None, provider_options: dict | None = None,
-                 strict: bool = True) -> ort.InferenceSession:
+                 strict: bool = True, config: dict | None = None) -> ort.InferenceSession:
     """A session on ``ep`` at graph optimization level ``opt_level`` (off/basic/extended/all). With ``strict``
-    a silent fallback to another provider raises :class:`ProviderFallback`."""
+    a silent fallback to another provider raises :class:`ProviderFallback`. ``config`` holds session config
+    entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``)."""
     check_ep(ep)
     so = ort.SessionOptions()
     so.graph_optimization_level = OPT_LEVELS[opt_level]
@@ -58,6 +59,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, ep: str = "cpu",
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
     providers = EPS[ep]
     if provider_options:
         providers = [(p, provider_options.get(p, {})) for p in providers]

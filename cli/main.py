@@ -284,9 +284,25 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int),
               help="Comma-separated batch sizes.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model before timing.")
-@click.option("--iters", type=int, default=100, show_default=True, help="Timed rounds (each model once per round).")
+@click.option("--iters", type=int, default=100, show_default=True,
+              help="Timed rounds in all, split over the sessions (each model once per round).")
+@click.option("--sessions", type=int, default=None,
+              help="Fresh sessions per setting, at least 3 (default: 3-10, more for more --iters).")
+@click.option("--session-time", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Seconds each session runs at least (more rounds for fast models).")
 @click.option("--duration", type=float, default=None, help="Time for this many seconds per setting instead of --iters.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads (default: 1 on ORT's CPU provider, for steady side-by-side timing; 0: the "
+                   "runtime's choice).")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="Let ORT's intra-op threads spin between runs (off: idle sessions do not steal the cores).")
+@click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Name a difference only beyond this fraction (and when its 95%% interval excludes 1).")
+@click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself; report how often the "
+              "95%% interval excludes 1 (exit 1 if far more often than 5%%).")
+@click.option("--aa-copies", type=click.IntRange(2, 16), default=4, show_default=True, help="Copies for --aa.")
+@click.option("--aa-repeats", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Separate benchmarks for --aa.")
 @click.option("--io-binding/--no-io-binding", default=None,
               help="Bind inputs/outputs on the device (default: on for GPU providers).")
 @click.option("--cuda-graph", is_flag=True, help="Capture the model in a CUDA graph (CUDA provider, IO binding).")
@@ -302,15 +318,18 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
 @json_option
 @common_options
-def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io_binding, cuda_graph, ep_option,
-          runtime, compile_mode, input_shape, plot_path, json_mode):
-    """Time MODELS interleaved (A B A B ...) on each provider / optimization level / batch, with p50/p90/p99,
-    bootstrap 95% intervals and the ratio of every model to the first.
+def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_time, duration, threads, spin,
+          min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode,
+          input_shape, plot_path, json_mode):
+    """Time MODELS side by side on each provider / optimization level / batch, in several fresh sessions of
+    balanced order, with p50/p90/p99, 95% intervals (hierarchical bootstrap over sessions and runs) and the
+    ratio of every model to the first; a difference is named only when its interval supports it.
 
     \b
     Examples:
       bnfold bench original.onnx folded.onnx --opt-level off,basic,all --batch 1,8
       bnfold bench original.onnx folded.onnx --ep cpu,cuda --json > latency.json
+      bnfold bench --aa original.onnx --aa-repeats 8
       bnfold bench small_resnet small_resnet@folded small_resnet@nobn --runtime torch --plot torch.png
     """
     from rich.progress import Progress
@@ -340,29 +359,40 @@ def bench(models, eps, opt_levels, batches, warmup, iters, duration, threads, io
         targets = [build_variant(m, shapes) for m in models]
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
+    kwargs = dict(eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters, sessions=sessions,
+                  duration_s=duration, threads=threads, spin=spin, io_binding=io_binding, cuda_graph=cuda_graph,
+                  input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, ep_options=ep_options,
+                  min_effect=min_effect, min_session_s=session_time)
+    if aa:
+        if len(targets) != 1:
+            raise BnfoldError(f"--aa takes one model, not {len(targets)}")
+        from bnfold.bench import aa_check
+        with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
+            task = progress.add_task("A/A", total=aa_repeats)
+            result = aa_check(targets[0], copies=aa_copies, repeats=aa_repeats,
+                              progress=lambda k, n: progress.update(task, completed=k), **kwargs)
+        if json_mode:
+            click.echo(strict_json({"summary": result.summary(), "comparisons": result.comparisons,
+                                    "runs": result.runs}))
+        con.print(result.verdict(), soft_wrap=True, markup=False)
+        sys.exit(EXIT_OK if result.summary()["passed"] else EXIT_FAILED)
     with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
         task = progress.add_task("benchmarking", total=None)
 
         def report(k, n, s):
             progress.update(task, total=n, completed=k, description=f"{s.ep} opt {s.opt_level} batch {s.batch}")
-        run = run_bench(targets, eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters,
-                        duration_s=duration, threads=threads, io_binding=io_binding, cuda_graph=cuda_graph,
-                        input_shapes=shapes, runtime=runtime, compile_mode=compile_mode, ep_options=ep_options,
-                        progress=report)
+        run = run_bench(targets, progress=report, **kwargs)
     if plot_path is not None:
         plot(run, plot_path)
     if json_mode:
         click.echo(strict_json(run.to_dict()))
     else:
         from .render import bench_table
-        con.print(bench_table(run))
+        con.print(bench_table(run, con.width))
     for s in run.skipped:
         con.print(styled("skipped", "yellow"), f"{s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
-    last = [r for r in run.results if r.ratio is not None and r is not run.results[0]]
-    summary = f"{len(run.results)} measurement(s), {len(run.skipped)} skipped"
-    if last:
-        worst = max(last, key=lambda r: r.ratio)
-        summary += f"; largest ratio to the first model {worst.ratio:.3f} ({worst.model}, {worst.ep} opt {worst.opt_level} batch {worst.batch})"
+    from bnfold.bench import headline
+    summary = "; ".join(x for x in (f"{len(run.results)} measurement(s), {len(run.skipped)} skipped", headline(run)) if x)
     con.print(f"DONE | {summary}", soft_wrap=True, markup=False)
     sys.exit(EXIT_OK)
 
@@ -482,7 +512,7 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
 
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
-              batches, threads, json_mode, extra=None):
+              batches, threads, json_mode, extra=None, min_effect=0.02):
     from bnfold.pipeline import RunOptions, run_pipeline
 
     con = out_console(json_mode)
@@ -491,7 +521,7 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
     def step(msg):
         if not quiet:
             con.print(styled(f"- {msg}", "dim"))
-    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads)
+    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect)
     report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                           calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
     from bnfold.pipeline import run_verdict
@@ -515,12 +545,14 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int))
 @click.option("--iters", type=int, default=50, show_default=True, help="Benchmark rounds per setting.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
+@click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")
 @torch_model_options
 @layout_option
 @json_option
 @common_options
-def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weights, input_shape, opset, trust_pickle,
-        layout, json_mode):
+def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, input_shape, opset, layout,
+        trust_pickle, json_mode):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -537,7 +569,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, weigh
                     trust_pickle=trust_pickle, layout=layout)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
-                       threads=threads, json_mode=json_mode))
+                       threads=threads, json_mode=json_mode, min_effect=min_effect))
 
 
 @main.command()

@@ -45,19 +45,65 @@ def verify_table(result) -> Table:
     return table
 
 
-def bench_table(run) -> Table:
-    """Latency per model and setting, with the ratio to the first model."""
-    table = Table(title="latency (ms)", title_justify="left")
-    for col in ("model", "ep", "opt", "batch", "p50", "95% CI", "p90", "p99", "mean", "ratio (95% CI)"):
-        table.add_column(col, justify="left" if col in ("model", "ep", "opt") else "right", overflow="fold")
-    for r in run.results:
-        ratio = "" if r.ratio is None else f"{r.ratio:.3f} [{r.ratio_ci95[0]:.3f}, {r.ratio_ci95[1]:.3f}]"
-        table.add_row(cell(r.model), cell(r.ep), cell(r.opt_level), str(r.batch), f"{r.p50_ms:.3f}",
-                      f"{r.ci95_ms[0]:.3f}-{r.ci95_ms[1]:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
-                      f"{r.mean_ms:.3f}", ratio)
+def _ms(x: float, ref: float) -> str:
+    """``x`` with as many decimals as gives ``ref`` four significant digits (one format per row)."""
+    import math
+
+    return f"{x:.{max(0, 3 - math.floor(math.log10(ref))) if ref > 0 else 3}f}"
+
+
+def bench_table(run, width: int = 80) -> Table:
+    """Latency per model and setting, with the ratio to the first model and its verdict. Narrow (below 110
+    columns, and when piped) it keeps only the median, the ratio and their intervals; numbers never wrap."""
+    from pathlib import Path
+
+    from rich import box
+
+    from bnfold.bench import judge
+
+    wide, narrow = width >= 110, width < 80
+    table = Table(title="latency (ms); ratio = model / first model", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    names = [Path(r.model).name for r in run.results]
+    if len(set(names)) < len({r.model for r in run.results}):
+        names = [r.model for r in run.results]
+    min_effect = run.config.get("min_effect", 0.02)
+    if narrow:  # below 80 columns: two lines per cell, so no number is ever cut
+        table.add_column("model / setting", overflow="fold")
+        for col in ("p50 / 95% CI", "ratio / 95% CI"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("verdict", overflow="fold")
+    else:
+        table.add_column("model", overflow="fold")
+        table.add_column("setting", no_wrap=True)
+        cols = ["p50", "95% CI"] + (["p90", "p99", "sessions"] if wide else []) + ["ratio", "95% CI", "verdict"]
+        for col in cols:
+            table.add_column(col, justify="right", no_wrap=True)
+    for r, name in zip(run.results, names):
+        setting = f"{r.ep} {r.opt_level} {r.batch}"
+        p50 = _ms(r.p50_ms, r.p50_ms)
+        ci = f"{_ms(r.ci95_ms[0], r.p50_ms)}-{_ms(r.ci95_ms[1], r.p50_ms)}"
+        if r.verdict is None:
+            ratio, rci, word = "1", "", "baseline"
+        else:
+            v = judge(r.ratio, r.ratio_ci95, min_effect)
+            word = "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}"
+            ratio, rci = f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}"
+        if narrow:
+            table.add_row(cell(f"{name}\n{setting}"), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
+            continue
+        row = [cell(name), setting, p50, ci]
+        if wide:
+            row += [_ms(r.p90_ms, r.p50_ms), _ms(r.p99_ms, r.p50_ms), f"{r.sessions}x{min(r.rounds_per_session or [0])}"]
+        table.add_row(*row, ratio, rci, word)
     env = run.env
-    table.caption = cell(f"{env.get('cpu')} ({env.get('cpu_count')} cores)" + (f", {env['gpu']}" if env.get("gpu") else "")
-                     + f"; ORT {env.get('onnxruntime')}; warmup {run.config['warmup']}, "
-                     f"{'duration ' + str(run.config['duration_s']) + ' s' if run.config['duration_s'] else str(run.config['iters']) + ' rounds'}"
-                     f", threads {run.config['threads'] or 'default'}")
+    cfg = run.config
+    table.caption = cell(
+        f"setting: provider, opt level, batch. {env.get('cpu')} ({env.get('cpu_count')} cores)"
+        + (f", {env['gpu']}" if env.get("gpu") else "") + f"; ORT {env.get('onnxruntime')}; {cfg['sessions']} "
+        f"sessions of >= {cfg['rounds_per_session']} rounds and >= {cfg.get('min_session_s')} s"
+        + (f" ({cfg['duration_s']} s in all)" if cfg.get("duration_s") else "")
+        + f", warm-up {cfg['warmup']}, threads {cfg['threads'] or 'default'}, spinning {'on' if cfg.get('spin') else 'off'}; "
+        f"load {cfg.get('load_start')}. A difference is named when its interval excludes 1 and it exceeds "
+        f"{100 * min_effect:g}%.")
     return table
