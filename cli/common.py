@@ -32,7 +32,8 @@ class SafeConsole(Console):
 
     def print(self, *objects, **kwargs):
         kwargs.pop("markup", None)
-        kwargs.setdefault("soft_wrap", True)
+        if all(isinstance(o, (str, Text)) for o in objects):
+            kwargs.setdefault("soft_wrap", True)  # a line stays one line; tables keep the console's width
         super().print(*(Text(printable(o)) if isinstance(o, str) else o for o in objects), **kwargs)
 
 

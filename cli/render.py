@@ -90,7 +90,7 @@ def bench_table(run, width: int = 80) -> Table:
             word = "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}"
             ratio, rci = f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}"
         if narrow:
-            table.add_row(cell(f"{name}\n{setting}"), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
+            table.add_row(cell(name) + "\n" + cell(setting), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
             continue
         row = [cell(name), setting, p50, ci]
         if wide:
@@ -106,4 +106,5 @@ def bench_table(run, width: int = 80) -> Table:
         + f", warm-up {cfg['warmup']}, threads {cfg['threads'] or 'default'}, spinning {'on' if cfg.get('spin') else 'off'}; "
         f"load {cfg.get('load_start')}. A difference is named when its interval excludes 1 and it exceeds "
         f"{100 * min_effect:g}%.")
+    table.caption.justify = "left"
     return table
