@@ -51,7 +51,7 @@ class TrainResult:
     config: dict = field(default_factory=dict)
 
 
-def prepare(data: Dataset, input_shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(data: Dataset, input_shape: tuple, *, layout: str = "nchw") -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs shaped for the model: flat digits become images (upsampled, channels repeated) when the model
     takes images; other data must already match the model's per-sample shape."""
     if data.labels is None:
@@ -61,16 +61,18 @@ def prepare(data: Dataset, input_shape: tuple) -> tuple[torch.Tensor, torch.Tens
     if y.numel() and int(y.min()) < 0:
         raise BnfoldError(f"data '{data.name}' has negative labels ({int(y.min())}); labels are class indices 0, 1, ...")
     sample = tuple(input_shape[1:])
-    if tuple(x.shape[1:]) == sample:
+    if tuple(x.shape[1:]) == sample and layout == "nchw":
         return x, y
     side = math.isqrt(int(np.prod(x.shape[1:])))
     if x.dim() == 2 and side * side == x.shape[1] and len(sample) == 3:
         img = x.reshape(len(x), 1, side, side)
         img = F.interpolate(img, size=sample[1:], mode="bilinear", align_corners=False)
         return img.repeat(1, sample[0], 1, 1).contiguous(), y
-    if int(np.prod(x.shape[1:])) == int(np.prod(sample)):
-        return x.reshape((len(x),) + sample), y
-    raise BnfoldError(f"data samples have shape {tuple(x.shape[1:])}, the model takes {sample}")
+    from bnfold.data import fit_to_shape
+
+    # flat samples and split trailing axes are reshaped; data that fits only after a transpose (channels-last
+    # for a channels-first model) is refused, never silently reshaped
+    return torch.from_numpy(np.ascontiguousarray(fit_to_shape(x.numpy(), sample, layout=layout))), y
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +104,9 @@ def batches(x: torch.Tensor, batch_size: int, *, shuffle: bool = False, generato
 def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: float = 0.1, batch_size: int = 64,
           seed: int = 0, device: str | None = None, optimizer: str = "sgd", test_fraction: float = 0.2,
           calibrate: bool = True, on_epoch: Callable[[EpochMetrics], None] | None = None,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Train zoo model ``name`` and install Algorithm 2 population statistics over its training set."""
+          on_step: Callable[[int, int], None] | None = None, layout: str = "nchw") -> TrainResult:
+    """Train zoo model ``name`` and install Algorithm 2 population statistics over its training set
+    (``layout="nhwc"``: array data is channels-last)."""
     entry = zoo.get(name)
     if not isinstance(epochs, int) or epochs < 1:
         raise BnfoldError(f"epochs {epochs!r}: train at least 1 epoch")
@@ -116,7 +119,7 @@ def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: fl
         data = load_dataset(data, image_size=tuple(entry.input_shape[2:4]) if len(entry.input_shape) == 4 else None)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, y = prepare(data, entry.input_shape)
+    x, y = prepare(data, entry.input_shape, layout=layout)
     classes = int(y.max().item()) + 1
     model = entry.factory().to(device)
     out_features = _num_outputs(model, x[:2].to(device))

@@ -412,9 +412,10 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
               help="SGD with momentum 0.9, or Adam.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@layout_option
 @json_option
 @common_options
-def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, device, json_mode):
+def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, device, layout, json_mode):
     """Train zoo model NAME, then set its BN statistics to Algorithm 2's population statistics.
 
     NAME is a zoo model (see `bnfold.models.zoo.names()`); flat digits are upsampled for image models.
@@ -450,7 +451,7 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
             progress.console.print(f"epoch {m.epoch}: loss {m.loss:.4f}, train acc {100 * m.train_accuracy:.2f}%, "
                                    f"test acc {100 * m.test_accuracy:.2f}%")
         result = train(name, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                       optimizer=optimizer, on_epoch=on_epoch, on_step=on_step)
+                       optimizer=optimizer, on_epoch=on_epoch, on_step=on_step, layout=layout)
     save_checkpoint(result.model, output, result.config)
     if json_mode:
         click.echo(strict_json(result.config))

@@ -213,3 +213,23 @@ def test_a_batchnorm_called_twice_counts_both_calls():
     both = torch.cat([x, 10 * x + 5])
     torch.testing.assert_close(result.stats["bn"][0], both.mean(0))
     assert result.per_bn_values["bn"] == 32
+
+
+def test_train_refuses_channels_last_data_instead_of_reshaping():
+    """(N, H, W, C) samples for a (C, H, W) model have the right element count but the wrong layout: training
+    must refuse them (as verify and calibrate do), not reshape them into scrambled images."""
+    from bnfold.data import Dataset
+    from bnfold.errors import BnfoldError
+    from bnfold.train import prepare
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(6) % 2
+    nhwc = Dataset({"x": rng.standard_normal((6, 8, 8, 3)).astype(np.float32)}, labels, "nhwc")
+    with pytest.raises(BnfoldError, match="--layout nhwc"):
+        prepare(nhwc, (1, 3, 8, 8))
+    x, _ = prepare(nhwc, (1, 3, 8, 8), layout="nhwc")  # said explicitly: channels move to axis 1
+    assert torch.equal(x, torch.from_numpy(nhwc.inputs["x"]).permute(0, 3, 1, 2))
+    flat = Dataset({"x": rng.standard_normal((6, 3 * 8 * 8)).astype(np.float32)}, labels, "flat")
+    x, y = prepare(flat, (1, 3, 8, 8))  # flat samples are still reshaped
+    assert tuple(x.shape) == (6, 3, 8, 8) and torch.equal(x.reshape(6, -1), torch.from_numpy(flat.inputs["x"]))
+    assert y.tolist() == labels.tolist()
