@@ -29,6 +29,7 @@ from bnfold._version import __version__
 from bnfold.errors import BnfoldError
 from bnfold.graph import ModelGraph, NodeKey, NotConst, is_default_domain
 from bnfold.graph import source_layers as _source_layers  # noqa: F401  (used by bnfold.verify)
+from bnfold.onnx_io import walk_graphs
 from bnfold.report import FoldReport
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> 
     err = checker_error(source_path if source_path is not None else model)
     if err is not None:
         raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it")
-    for g in _walk_graphs(model.graph):
+    for g in walk_graphs(model.graph):
         for node in g.node:
             for a in node.attribute:
                 for raw in ([a.s] if a.type == onnx.AttributeProto.STRING else list(a.strings)):
@@ -68,14 +69,6 @@ def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> 
 
 
 
-def _walk_graphs(graph: onnx.GraphProto):
-    yield graph
-    for n in graph.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                yield from _walk_graphs(a.g)
-            for g in a.graphs:
-                yield from _walk_graphs(g)
 
 
 def _plan_options(options: FoldOptions) -> planner.PlanOptions:
@@ -164,5 +157,5 @@ def materialize_params(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def count_bn(model: onnx.ModelProto) -> int:
     """Number of BatchNormalization nodes, subgraphs included."""
-    n = sum(node.op_type == "BatchNormalization" for g in _walk_graphs(model.graph) for node in g.node)
+    n = sum(node.op_type == "BatchNormalization" for g in walk_graphs(model.graph) for node in g.node)
     return n + sum(node.op_type == "BatchNormalization" for f in model.functions for node in f.node)

@@ -254,15 +254,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     return out
 
 
-def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Initializers of a graph and of its subgraphs (what onnx stores externally)."""
-    yield from graph.initializer
+def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph below it (If/Loop/Scan bodies, nested), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _iter_initializers(attr.g)
+                yield from walk_graphs(attr.g)
             for g in attr.graphs:
-                yield from _iter_initializers(g)
+                yield from walk_graphs(g)
+
+
+def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of a graph and of its subgraphs (what onnx stores externally)."""
+    for g in walk_graphs(graph):
+        yield from g.initializer
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
