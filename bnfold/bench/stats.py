@@ -68,44 +68,87 @@ def _chunked(*arrays: np.ndarray) -> Source:
 def order_stats(source: Source, ranks) -> list[float]:
     """The values of 0-based ``ranks`` in the sorted sequence of everything ``source()`` yields (in chunks),
     exactly, holding at most a chunk and EXACT values at a time."""
-    n, lo, hi = 0, math.inf, -math.inf
+    n, lo, hi, small = 0, math.inf, -math.inf, []
     for c in source():
         if c.size:
             n += c.size
             lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
-    out = []
-    for rank in ranks:
-        if not 0 <= rank < n:
-            raise ValueError(f"rank {rank} of {n} values")
-        a, b, below = lo, float(np.nextafter(hi, math.inf)), 0  # the values in [a, b) hold the rank; `below` < a
-        while True:
-            inside = sum(int(np.count_nonzero((c >= a) & (c < b))) for c in source())
-            if inside <= EXACT:
-                vals = np.sort(np.concatenate([c[(c >= a) & (c < b)] for c in source()] or [np.empty(0)]))
-                out.append(float(vals[rank - below]))
-                break
-            if float(np.nextafter(a, math.inf)) >= b:  # one representable value left: all of them equal a
-                out.append(a)
-                break
-            edges = np.linspace(a, b, _BINS + 1)
-            hist = np.zeros(_BINS, dtype=np.int64)
-            for c in source():
+            if n <= EXACT:
+                small.append(c)
+    if n <= EXACT:  # few values: sort them
+        vals = np.sort(np.concatenate(small)) if small else np.empty(0)
+        if any(not 0 <= r < n for r in ranks):
+            raise ValueError(f"rank out of {n} values")
+        return [float(vals[r]) for r in ranks]
+    if any(not 0 <= r < n for r in ranks):
+        raise ValueError(f"rank out of {n} values")
+    # every wanted rank lies in a half-open range [a, b). One pass over the chunks counts the values below a
+    # exactly and, per range: collects its values while they are at most EXACT (then sorts them); counts its
+    # distinct values when the range spans only a few thousand floats; else builds a histogram, from which the
+    # range narrows ~340-fold to the rank's bin and its two neighbours (so that rounding never loses the rank)
+    ranges = {r: (lo, float(np.nextafter(hi, math.inf))) for r in ranks}
+    found: dict[int, float] = {}
+    while len(found) < len(ranges):
+        groups: dict[tuple, list[int]] = {}
+        for r, key in ranges.items():
+            if r not in found:
+                groups.setdefault(key, []).append(r)
+        few = {key: key[1] - key[0] <= 4096 * float(np.spacing(max(abs(key[0]), abs(key[1])))) for key in groups}
+        below = dict.fromkeys(groups, 0)
+        held = dict.fromkeys(groups, 0)
+        hists = {key: np.zeros(_BINS, dtype=np.int64) for key in groups}
+        parts: dict[tuple, list[np.ndarray] | None] = {key: [] for key in groups}
+        distinct: dict[tuple, dict[float, int]] = {key: {} for key in groups if few[key]}
+        for c in source():
+            for (a, b) in groups:
+                below[a, b] += int(np.count_nonzero(c < a))
                 sel = c[(c >= a) & (c < b)]
-                hist += np.bincount(np.clip(np.searchsorted(edges, sel, side="right") - 1, 0, _BINS - 1),
-                                    minlength=_BINS)
-            cum = np.cumsum(hist)
-            j = int(np.searchsorted(cum, rank - below, side="right"))
-            below += int(cum[j - 1]) if j else 0
-            a, b = float(edges[j]), float(edges[j + 1]) if j + 1 < _BINS else b
-    return out
+                held[a, b] += sel.size
+                if parts[a, b] is not None:  # kept while they are few: then this pass finishes the range
+                    parts[a, b] = parts[a, b] + [sel] if held[a, b] <= EXACT else None
+                if few[a, b]:
+                    counts = distinct[a, b]
+                    for x, m in zip(*(v.tolist() for v in np.unique(sel, return_counts=True))):
+                        counts[x] = counts.get(x, 0) + m
+                    continue
+                if math.isfinite(b - a):
+                    idx = ((sel - a) / (b - a) * _BINS).astype(np.int64)
+                else:  # a range wider than the largest float: halves
+                    idx = ((sel * 0.5 - a * 0.5) / (b * 0.5 - a * 0.5) * _BINS).astype(np.int64)
+                hists[a, b] += np.bincount(np.clip(idx, 0, _BINS - 1), minlength=_BINS)
+        for key, rs in groups.items():
+            a, b = key
+            if held[key] <= EXACT:
+                vals = np.sort(np.concatenate(parts[key]))
+                for r in rs:
+                    found[r] = float(vals[r - below[key]])
+            elif few[key]:
+                for r in rs:
+                    acc = below[key]
+                    for x in sorted(distinct[key]):
+                        acc += distinct[key][x]
+                        if r < acc:
+                            found[r] = x
+                            break
+            else:
+                cum = np.cumsum(hists[key])
+                w = (b - a) / _BINS if math.isfinite(b - a) else 2 * ((b * 0.5 - a * 0.5) / _BINS)
+                for r in rs:
+                    j = int(np.searchsorted(cum, r - below[key], side="right"))
+                    ranges[r] = (max(a, a + (j - 1) * w), min(b, a + (j + 2) * w))
+    return [found[r] for r in ranks]
+
+
+def _quantiles(source: Source, n: int, qs) -> list[float]:
+    """``np.percentile(x, 100 q)`` (linear interpolation) for each q of the n values of ``source``."""
+    pos = [q * (n - 1) for q in qs]
+    ranks = sorted({r for p in pos for r in (math.floor(p), math.ceil(p))})
+    v = dict(zip(ranks, order_stats(source, ranks)))
+    return [v[math.floor(p)] + (v[math.ceil(p)] - v[math.floor(p)]) * (p - math.floor(p)) for p in pos]
 
 
 def _quantile(source: Source, n: int, q: float) -> float:
-    """``np.percentile(x, 100 q)`` (linear interpolation) of the n values of ``source``."""
-    pos = q * (n - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    vlo, vhi = order_stats(source, [lo, hi]) if hi != lo else order_stats(source, [lo]) * 2
-    return vlo + (vhi - vlo) * (pos - lo)
+    return _quantiles(source, n, (q,))[0]
 
 
 def _median_ranks(n: int) -> tuple[int, int]:
@@ -146,7 +189,7 @@ def summarize(samples_ms) -> dict:
         raise ValueError("latencies must be positive")
     n = sum(s.size for s in sess)
     pooled = _chunked(*sess)
-    p50, p90, p99 = (_quantile(pooled, n, q) for q in (0.5, 0.9, 0.99))
+    p50, p90, p99 = _quantiles(pooled, n, (0.5, 0.9, 0.99))
     shift = float(sess[0][0])
     s1 = s2 = 0.0
     for c in pooled():
@@ -192,15 +235,21 @@ def _session_ratio(a: np.ndarray, b: np.ndarray, k: int, block: int) -> tuple[fl
     m = a.size // block
     if m == 0:
         raise ValueError(f"a session of {a.size} rounds holds no whole cycle of {block}")
-    strata = _strata(a, b, k, block)
-    meds = [_quantile(src, m, 0.5) for src in strata]
-
-    def resid():
-        for src, med in zip(strata, meds):
-            for c in src():
-                yield np.abs(c - med)
     n = m * block
-    mad = _quantile(resid, n, 0.5) if n > 1 else 0.0
+    if n <= EXACT:  # the same numbers, at once
+        x = np.roll((np.log(a[:n]) - np.log(b[:n])).reshape(m, block), k % block, axis=1)  # column = order
+        med = np.median(x, axis=0)
+        meds = [float(v) for v in med]
+        mad = float(np.median(np.abs(x - med)))
+    else:
+        strata = _strata(a, b, k, block)
+        meds = [_quantile(src, m, 0.5) for src in strata]
+
+        def resid():
+            for src, med in zip(strata, meds):
+                for c in src():
+                    yield np.abs(c - med)
+        mad = _quantile(resid, n, 0.5)
     sigma2 = (1.4826 * mad) ** 2
     var = sigma2 * (math.pi / 2 if m > 2 else 1.0) / m / block  # block strata medians of m rounds, averaged
     return float(np.mean(meds)), var
