@@ -11,7 +11,7 @@ from .common import styled
 
 
 def _seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
 
 
 class BenchDisplay:

@@ -235,3 +235,16 @@ def test_cli_torch_runtime_uses_weights(tmp_path):
     p = subprocess.run(base + ["--weights", str(good)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "DONE | 2 measurement(s)" in p.stdout
+
+
+def test_cli_run_benchmarks_the_rounds_asked_for_with_a_plan(tiny, tmp_path):
+    """`run --iters 20` prints the bench's plan and times 20 rounds (24: whole cycles) per setting; before,
+    report.json said tens of thousands (`iters: 68406` for mnist_mlp)."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "bnfold.cli.main", "run", str(tiny), "-o", str(out), "--iters", "20"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    assert "plan: 2 setting(s) x 4 sessions x 6 rounds of 2 model(s), about" in p.stdout
+    bench = json.loads((out / "report.json").read_text())["bench"]
+    assert bench["config"]["iters"] == 20 and bench["config"]["estimate_s"] > 0
+    assert [r["iters"] for r in bench["results"]] == [24] * 4

@@ -69,7 +69,7 @@ class BenchProgress:
 
 
 def _seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
 
 
 def _factories(models, s: Setting, runtime: str, input_shapes, compile_mode):

@@ -27,6 +27,7 @@ one thread per run gives the steadiest comparison (``benchmarks/results/latency_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -148,36 +149,60 @@ def measure(factories: list, *, sessions: int, rounds: int, warmup: int = 10, mi
     providers: list[list[str]] = [[] for _ in range(n)]
     labels = [""] * n
     n_rounds = None
-    for k in range(sessions):
-        runners: list = [None] * n
-        for i in rows[k % cycle]:
-            runners[i] = factories[i]()
-            session_ms[i][k] = float(runners[i].session_ms)
-            providers[i] = list(runners[i].providers)
-            labels[i] = runners[i].label
-        for w in range(warmup):
-            for i in rows[(k + w) % cycle]:
-                runners[i]()
-        start = time.perf_counter()
-        r = 0
-        while True:
-            if r % cycle == 0 and r >= rounds and r >= cycle:
-                if min_session_s <= 0 or time.perf_counter() - start >= min_session_s:
-                    break
-            for i in rows[(k + r) % cycle]:
-                samples[i][k].append(runners[i]())
-            r += 1
-        n_rounds = r if n_rounds is None else min(n_rounds, r)
-        del runners
-        gc.collect()
-        if on_session:
-            on_session(k, sessions)
+    with _frozen_heap():
+        for k in range(sessions):
+            _session(k, rows, cycle, factories, samples, session_ms, providers, labels, warmup, rounds, min_session_s)
+            n_rounds = len(samples[0][k]) if n_rounds is None else min(n_rounds, len(samples[0][k]))
+            if on_session:
+                on_session(k, sessions)
     return Measured(samples, session_ms, providers, labels, n_rounds or 0)
 
 
+@contextlib.contextmanager
+def _frozen_heap():
+    """Objects alive before the benchmark are left out of its garbage collections (``gc.freeze``): after a
+    torch export a full collection walks ~400,000 objects (about a second on a loaded machine), once per
+    session; a session's own garbage is still collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _session(k, rows, cycle, factories, samples, session_ms, providers, labels, warmup, rounds, min_session_s):
+    """Session k of :func:`measure`: create, warm up, time, release."""
+    n = len(factories)
+    runners: list = [None] * n
+    for i in rows[k % cycle]:
+        runners[i] = factories[i]()
+        session_ms[i][k] = float(runners[i].session_ms)
+        providers[i] = list(runners[i].providers)
+        labels[i] = runners[i].label
+    for w in range(warmup):
+        for i in rows[(k + w) % cycle]:
+            runners[i]()
+    start = time.perf_counter()
+    r = 0
+    while True:
+        if r % cycle == 0 and r >= rounds and r >= cycle:
+            if min_session_s <= 0 or time.perf_counter() - start >= min_session_s:
+                break
+        for i in rows[(k + r) % cycle]:
+            samples[i][k].append(runners[i]())
+        r += 1
+    del runners
+    gc.collect()
+
+
 def probe(factories: list, *, warmup: int = 10) -> Probe:
-    """One trial session of ``factories`` (not kept): the time to create every model's session, the median
-    time of a round after ``warmup`` untimed ones (at least 3 timed rounds and 20 ms), and the release."""
+    """One trial session of ``factories`` (not kept): the time to create every model's session, the mean time
+    of a round after ``warmup`` untimed ones (at least 3 timed rounds and 20 ms), and the release."""
+    with _frozen_heap():
+        return _probe(factories, warmup)
+
+
+def _probe(factories: list, warmup: int) -> Probe:
     t0 = time.perf_counter()
     runners = [f() for f in factories]
     create = time.perf_counter() - t0
@@ -194,7 +219,7 @@ def probe(factories: list, *, warmup: int = 10) -> Probe:
     t0 = time.perf_counter()
     del runners
     gc.collect()
-    return Probe(create, float(np.median(times)), time.perf_counter() - t0)
+    return Probe(create, float(np.mean(times)), time.perf_counter() - t0)  # a mean: what sums to the session's time
 
 
 # ------------------------------------------------------------------------------------------------ environment
