@@ -230,7 +230,7 @@ def aa_check(model, *, copies: int = 4, repeats: int = 3, progress=None, **bench
         if progress:
             progress(rep, repeats)
         run = bench([model] * copies, labels=[f"{name}#{i + 1}" for i in range(copies)], **bench_kwargs)
-        runs.append(run.to_dict(with_samples=False))
+        runs.append(run.to_dict())
         for start in range(0, len(run.results), copies):
             group = run.results[start:start + copies]
             for pos in range(1, copies, 2):
