@@ -248,3 +248,28 @@ def test_cli_run_benchmarks_the_rounds_asked_for_with_a_plan(tiny, tmp_path):
     bench = json.loads((out / "report.json").read_text())["bench"]
     assert bench["config"]["iters"] == 20 and bench["config"]["estimate_s"] > 0
     assert [r["iters"] for r in bench["results"]] == [24] * 4
+
+
+def test_table_words_below_the_threshold_and_underpowered():
+    """The table's verdict column says what the verdict line says: 'below 2%' for an interval that excludes 1
+    with a ratio within --min-effect, 'underpowered' when the session spread keeps it undecidable (both were
+    'no diff.')."""
+    from rich.console import Console
+
+    from bnfold.bench import BenchResult, BenchRun
+    from bnfold.cli.render import bench_table
+
+    def res(model, ratio, ci, spread=None, verdict="none"):
+        return BenchResult(model=model, ep="cpu", opt_level="off", batch=1, p50_ms=1.0, p90_ms=1.1, p99_ms=1.2,
+                           mean_ms=1.0, ci95_ms=[0.9, 1.1], throughput=1e3, session_ms=1.0, model_mb=0.1,
+                           providers=["CPUExecutionProvider"], iters=24, threads=1, io_binding=False,
+                           cuda_graph=False, ratio=ratio, ratio_ci95=ci, spread_halfwidth=spread, verdict=verdict)
+    base = res("a.onnx", 1.0, [1.0, 1.0], verdict=None)
+    run = BenchRun([base, res("b.onnx", 0.981, [0.974, 0.987], 0.001), res("c.onnx", 0.97, [0.85, 1.10], 0.06)],
+                   [], {"cpu": "x", "cpu_count": 2, "onnxruntime": "1"},
+                   {"sessions": 4, "rounds_per_session": 6, "min_session_s": 0, "warmup": 1, "threads": 1,
+                    "min_effect": 0.02})
+    con = Console(width=100, record=True)
+    con.print(bench_table(run, 100))
+    text = con.export_text()
+    assert "below 2%" in text and "underpowered" in text and "no diff." not in text
