@@ -301,8 +301,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
               help="Let ORT's intra-op threads spin between runs (off: idle sessions do not steal the cores).")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a difference only beyond this fraction (and when its 95%% interval excludes 1).")
-@click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself; report how often the "
-              "95%% interval excludes 1 (exit 1 if far more often than 5%%).")
+@click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself (disjoint pairs); report "
+              "how often the 95%% interval excludes 1 (exit 1 if improbably often or rarely for 5%%).")
 @click.option("--aa-copies", type=click.IntRange(2, 16), default=4, show_default=True, help="Copies for --aa.")
 @click.option("--aa-repeats", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Separate benchmarks for --aa.")
