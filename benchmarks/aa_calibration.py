@@ -41,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.bench import aa_check, bench, binomial_two_sided, environment, ratio_ci, sign_test, williams_orders
+from bnfold.bench import (
+    aa_check,
+    bench,
+    binomial_two_sided,
+    environment,
+    ratio_ci,
+    sign_test,
+    williams_orders,
+)
 
 HERE = Path(__file__).parent
 

@@ -98,7 +98,7 @@ def _simulate(rng, sessions, rounds, session_sd, round_sd, position=0.0):
 def _exclusion_rate(method, n_sim=80, seed=0, **kw):
     rng = np.random.default_rng(seed)
     out = 0
-    for i in range(n_sim):
+    for _ in range(n_sim):
         a, b = _simulate(rng, **kw)
         if method == "hierarchical":
             ci = ratio_ci(a, b, block=2)["ci95"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,6 @@ import numpy as np
 
 from bnfold.bench.measure import (
     OrtRunner,
-    Probe,
     ProviderUnavailable,
     Setting,
     TorchRunner,

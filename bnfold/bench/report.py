@@ -4,7 +4,6 @@ machine flags, the A/A self-check's tests, and the plot. No measuring and no num
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
