@@ -5,21 +5,22 @@ One small model (the demo's ``small_resnet``, BatchNorm kept) is benchmarked aga
 ratio's true value is 1. Sections:
 
 1. **calibration**: ``--calls`` separate ``aa_check`` benchmarks of ``--copies`` copies at each of ``--levels``
-   (bench's defaults otherwise: fresh sessions in balanced order, hierarchical bootstrap): how many 95%
-   intervals exclude 1 (target <= 7% over >= 100 comparisons), the median ratio overall and per listing
+   (bench's defaults otherwise: fresh sessions in balanced order, Student's t over the sessions' estimates;
+   disjoint pairs of copies, so the comparisons are independent): how many 95% intervals exclude 1 (target
+   <= 7% over >= 100 comparisons; two-sided binomial p against 5%), the median ratio overall and per listing
    position (target within +-0.5% of 1). The same raw samples are re-analysed the old way (every round of every
-   session pooled, one-level paired bootstrap of rounds) to show what the session level changes.
+   session pooled into one sample, so only the rounds' noise counts) to show what the session level changes.
 2. **threads and spinning**: A/A pairs (two copies) under three CPU settings, interleaved call by call in
    balanced order: ORT's default intra-op threads with spinning off (bench's default), the same with spinning on
    (ORT's default), and one intra-op thread. Per setting: exclusion rate, median ratio, median interval width,
    median latency and session-to-session spread.
-3. **acceptance**: ``--accept-calls`` separate ``bnfold bench M M M M --json`` processes (four copies, the
-   command's defaults): at most 10% of the intervals exclude 1, median ratio within 0.5% of 1.
+3. **acceptance**: ``--accept-calls`` separate ``bnfold bench --aa M --aa-copies 4 --aa-repeats 1 --json``
+   processes (the command's defaults): at most 10% of the intervals exclude 1, median ratio within 0.5% of 1.
 4. **demo reruns**: ``bnfold demo`` run ``--demo-reruns`` times; the closing lines and whether any latency
    difference one run names is contradicted by another (its interval on the other side of 1).
 
-The machine is shared (2 cores, other jobs running): the load average is recorded before and after every
-section. Usage::
+The load average is recorded before and after every section (the results say whether the machine was
+quiet). Usage::
 
     python benchmarks/aa_calibration.py [--calls 35] [--copies 4] [--levels off,all] [--iters 96]
         [--sessions 8] [--spin-calls 12] [--accept-calls 8] [--demo-reruns 3] [--out benchmarks/results]
@@ -40,7 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.bench import BOOTSTRAP, aa_check, bench, binomial_tail, environment, sign_test, williams_orders
+from bnfold.bench import (
+    aa_check,
+    bench,
+    binomial_two_sided,
+    environment,
+    ratio_ci,
+    sign_test,
+    williams_orders,
+)
 
 HERE = Path(__file__).parent
 
@@ -53,14 +62,17 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def naive_ci(a_sessions, b_sessions, seed: int = 0, n_boot: int = BOOTSTRAP) -> list[float]:
-    """The method bench used before sessions: every round pooled, rounds resampled (paired), ratio of medians."""
+def naive_ci(a_sessions, b_sessions) -> list[float]:
+    """The method bench used before sessions: every round pooled into one sample, so the interval sees the
+    rounds' noise only (the same closed-form statistics as bench, given a single session)."""
     a = np.concatenate([np.asarray(s) for s in a_sessions])
     b = np.concatenate([np.asarray(s) for s in b_sessions])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(n_boot, a.size))
-    r = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    return [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]
+    return ratio_ci(a, b)["ci95"]
+
+
+def pairs(results: list) -> list[tuple[int, dict, dict]]:
+    """Disjoint pairs of one setting's copies, as ``aa_check`` compares them: (position, #2k, #2k-1)."""
+    return [(pos + 1, results[pos], results[pos - 1]) for pos in range(1, len(results), 2)]
 
 
 def excludes(ci) -> bool:
@@ -75,7 +87,7 @@ def stats(comps: list[dict]) -> dict:
     for c in comps:
         by_pos.setdefault(c["position"], []).append(c["ratio"])
     return {"comparisons": n, "excluded": k, "exclusion_rate": k / n if n else None,
-            "binomial_p": binomial_tail(k, n, 0.05), "median_ratio": float(np.median(ratios)),
+            "binomial_p": binomial_two_sided(k, n, 0.05), "median_ratio": float(np.median(ratios)),
             "median_ratio_by_position": {str(p): float(np.median(v)) for p, v in sorted(by_pos.items())},
             "sign_test_p_by_position": {str(p): sign_test(v) for p, v in sorted(by_pos.items())},
             "median_width": float(np.median([c["ci95"][1] / c["ci95"][0] - 1 for c in comps]))}
@@ -93,9 +105,9 @@ def calibration(model: Path, args) -> dict:
         for r in run["results"]:
             by_setting.setdefault((r["ep"], r["opt_level"], r["batch"]), []).append(r)
         for rs in by_setting.values():
-            for pos, r in enumerate(rs[1:], start=2):
-                ci = naive_ci(r["samples_ms"], rs[0]["samples_ms"])
-                ratio = float(np.median(np.concatenate(r["samples_ms"])) / np.median(np.concatenate(rs[0]["samples_ms"])))
+            for pos, r, base in pairs(rs):
+                ci = naive_ci(r["samples_ms"], base["samples_ms"])
+                ratio = float(np.median(np.concatenate(r["samples_ms"])) / np.median(np.concatenate(base["samples_ms"])))
                 naive.append({"position": pos, "ratio": ratio, "ci95": ci, "excludes_1": excludes(ci)})
     spreads = [r["session_spread"] for run in res.runs for r in run["results"]]
     return {"summary": res.summary(), "stats": stats(res.comparisons), "naive_stats": stats(naive),
@@ -106,9 +118,8 @@ def calibration(model: Path, args) -> dict:
 
 # "default threads": ONNX Runtime's own choice (threads=0; 2 intra-op threads on a 2-core machine)
 def reanalyse(path: Path) -> dict:
-    """The calibration section of an earlier run, its raw samples re-analysed with the current statistics."""
-    from bnfold.bench import ratio_ci
-
+    """The calibration section of an earlier run, its raw samples re-analysed with the current statistics
+    (disjoint pairs of copies, as the self-check compares them now)."""
     old = json.loads(Path(path).read_text())
     comps = []
     for run in old["calibration"]["runs"]:
@@ -116,8 +127,8 @@ def reanalyse(path: Path) -> dict:
         for r in run["results"]:
             by.setdefault((r["ep"], r["opt_level"], r["batch"]), []).append(r)
         for rs in by.values():
-            for pos, r in enumerate(rs[1:], start=2):
-                rc = ratio_ci(r["samples_ms"], rs[0]["samples_ms"], block=len(williams_orders(len(rs))))
+            for pos, r, base in pairs(rs):
+                rc = ratio_ci(r["samples_ms"], base["samples_ms"], block=len(williams_orders(len(rs))))
                 comps.append({"position": pos, "ratio": rc["ratio"], "ci95": rc["ci95"], "excludes_1": excludes(rc["ci95"])})
     cfg = old["calibration"]["runs"][0]["config"]
     return {"date": old["date"], "threads": cfg.get("threads"), "calls": len(old["calibration"]["runs"]),
@@ -155,20 +166,21 @@ def spinning(model: Path, args) -> dict:
 
 
 def acceptance(model: Path, args) -> dict:
-    log(f"acceptance: {args.accept_calls} separate `bnfold bench` calls, 4 copies each")
+    log(f"acceptance: {args.accept_calls} separate `bnfold bench --aa` calls, 4 copies each")
     t0, l0 = time.time(), load()
     exe = shutil.which("bnfold")
     comps, lines = [], []
     for call in range(args.accept_calls):
-        p = subprocess.run([exe, "bench", str(model), str(model), str(model), str(model), "--json"],
+        p = subprocess.run([exe, "bench", "--aa", str(model), "--aa-copies", "4", "--aa-repeats", "1", "--json"],
                            capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
+        if p.returncode not in (0, 1):  # 1: this call's self-check failed, which the statistics below count
             raise RuntimeError(p.stderr)
         data = json.loads(p.stdout)
         lines.append(p.stderr.strip().splitlines()[-1])
-        for pos, r in enumerate(data["results"][1:], start=2):
-            comps.append({"call": call, "position": pos, "ratio": r["ratio"], "ci95": r["ratio_ci95"],
-                          "excludes_1": excludes(r["ratio_ci95"])})
+        for c in data["comparisons"]:
+            comps.append({"call": call, "position": c["position"], "ratio": c["ratio"], "ci95": c["ci95"],
+                          "excludes_1": excludes(c["ci95"])})
+    data = data["runs"][-1]
     st = stats(comps)
     st["passed"] = bool(st["exclusion_rate"] <= 0.10 and abs(st["median_ratio"] - 1) <= 0.005)
     return {"stats": st, "comparisons": comps, "done_lines": lines, "config": data["config"],
@@ -217,8 +229,9 @@ def write_md(path: Path, data: dict) -> None:
              f"torch {env.get('torch')}",
              f"- Model: zoo `{cfg['model']}` exported with its BatchNorms kept, benchmarked against copies of itself "
              "(every ratio's true value is 1)",
-             f"- Load average (1, 5, 15 min) at start / end: {data['load_start']} / {data['load_end']}. The 2 cores "
-             "are shared with other jobs (4 other agents were building and testing): a loaded machine on purpose.",
+             f"- Load average (1, 5, 15 min) at start / end: {data['load_start']} / {data['load_end']}: "
+             + ("a loaded machine (load above the core count)." if max(data['load_start'][0], data['load_end'][0])
+                > env['cpu_count'] else "a quiet machine (load at most the core count)."),
              ""]
     if cal:
         s, n = cal["stats"], cal["naive_stats"]
@@ -231,13 +244,13 @@ def write_md(path: Path, data: dict) -> None:
                   f"{cal['seconds']:.0f} s.", "",
                   "| method | comparisons | intervals excluding 1 | median ratio | median by listing position | "
                   "median interval width |", "|---|---:|---:|---:|---|---:|",
-                  f"| hierarchical (bench now) | {s['comparisons']} | {s['excluded']} ({100 * s['exclusion_rate']:.1f}%) | "
+                  f"| two-stage, t over sessions (bench now) | {s['comparisons']} | {s['excluded']} ({100 * s['exclusion_rate']:.1f}%) | "
                   f"{s['median_ratio']:.4f} | {fmt_pos(s['median_ratio_by_position'])} | {100 * s['median_width']:.1f}% |",
                   f"| pooled rounds, one level (bench before) | {n['comparisons']} | {n['excluded']} "
                   f"({100 * n['exclusion_rate']:.1f}%) | {n['median_ratio']:.4f} | {fmt_pos(n['median_ratio_by_position'])} "
                   f"| {100 * n['median_width']:.1f}% |", "",
                   f"Targets: at most 7% of intervals exclude 1 -> **{'met' if s['exclusion_rate'] <= 0.07 else 'missed'}** "
-                  f"({100 * s['exclusion_rate']:.1f}%, binomial p against a true 5%: {s['binomial_p']:.2g}); median "
+                  f"({100 * s['exclusion_rate']:.1f}%, two-sided binomial p against a true 5%: {s['binomial_p']:.2g}); median "
                   f"ratio within +-0.5% of 1 at every listing position -> "
                   f"**{'met' if cal['summary']['median_within_0.5%'] else 'missed'}**. Sign test per position "
                   f"(p): {', '.join(f'#{k} {v:.2g}' for k, v in s['sign_test_p_by_position'].items())}. Session "
@@ -268,8 +281,8 @@ def write_md(path: Path, data: dict) -> None:
     acc = data.get("acceptance")
     if acc:
         s = acc["stats"]
-        lines += ["## 3. Acceptance: four copies, eight separate `bnfold bench` calls", "",
-                  f"`bnfold bench M M M M --json` with the command's defaults ({acc['config']['sessions']} sessions x "
+        lines += ["## 3. Acceptance: four copies, separate `bnfold bench --aa` calls", "",
+                  f"`bnfold bench --aa M --aa-copies 4 --aa-repeats 1 --json` with the command's defaults ({acc['config']['sessions']} sessions x "
                   f"{acc['config']['rounds_per_session']} rounds, opt level {acc['config']['opt_levels']}), "
                   f"{len(acc['done_lines'])} processes. Load {acc['load_start']} -> {acc['load_end']}; "
                   f"{acc['seconds']:.0f} s.", "",

@@ -13,9 +13,11 @@ For each architecture three models are built from the same weights:
 All (model, optimization level) runners of one architecture are timed side by side in one loop, in
 ``--sessions`` fresh sessions (every session creates every runner anew, warms it up and runs whole cycles of a
 balanced order for at least ``--rounds`` rounds and ``--session-time`` seconds; see ``bnfold.bench``). Reported
-per runner: p50/p90/p99/mean and a hierarchical-bootstrap 95% interval of the median; per pair: the ratio
-(paired by round within session pairs) with its 95% interval, which includes the session-to-session
-variation. The raw per-session samples are in the JSON. The targets (issue: benchmark) are judged on the
+per runner: p50/p90/p99/mean and a 95% interval of the median (Student's t over the session medians); per pair:
+the ratio (paired by round within each session, one estimate per session) with its 95% interval (t over the
+sessions' estimates), which includes the session-to-session variation, and the half-width the session spread
+alone leaves (``spread_halfwidth``: when it exceeds a target's margin, only more ``--sessions`` can decide it).
+The raw per-session samples are in the JSON. The targets (issue: benchmark) are judged on the
 intervals: **met** when the whole interval satisfies the target, **missed** when none of it does,
 **undecided** otherwise:
 
@@ -29,7 +31,7 @@ no-BN and folded / original, so the results say which lever closes a gap.
 
 Usage::
 
-    python benchmarks/latency.py [--archs resnet18,resnet50,...] [--sessions 6] [--rounds 12]
+    python benchmarks/latency.py [--archs resnet18,resnet50,...] [--sessions 10] [--rounds 12]
                                  [--session-time 1] [--threads 1] [--batch 1] [--ep cpu|cuda]
                                  [--previous OLD.json] [--out benchmarks/results] [--tag cpu]
 """
@@ -107,7 +109,8 @@ def _timed(factories: list, labels: list, args) -> tuple[dict, dict]:
                   min_session_s=args.session_time)
     runners = {}
     for lab, t, sm, prov in zip(labels, got.samples, got.session_ms, got.providers):
-        runners[lab] = {**summarize(t), "providers": prov, "session_ms": float(np.median(sm)), "samples_ms": t}
+        runners[lab] = {**summarize(t), "providers": prov, "session_ms": float(np.median(sm)),
+                        "samples_ms": [list(x) for x in t]}
     return runners, {lab: t for lab, t in zip(labels, got.samples)}
 
 
@@ -228,6 +231,11 @@ def fmt_ci(d: dict) -> str:
     return f"{d['ratio']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
 
 
+def fmt_spread(d: dict) -> str:
+    h = d.get("spread_halfwidth")
+    return "" if h is None else f"{100 * h:.1f}%"
+
+
 def write_md(path: Path, data: dict) -> None:
     env, cfg = data["env"], data["config"]
     lines = [f"# Latency: original vs folded vs no-BN ({data['tag']})", "",
@@ -245,18 +253,23 @@ def write_md(path: Path, data: dict) -> None:
              "- ORT levels: off = ORT_DISABLE_ALL, basic = ORT_ENABLE_BASIC (ORT folds Conv+BN itself here), "
              "all = ORT_ENABLE_ALL",
              f"- Load average (1, 5, 15 min) at start / end: {data['load_start']} / {data['load_end']}; per "
-             f"architecture in the JSON. The 2 cores are shared with other jobs: a loaded machine.", "",
-             "Intervals are 95% hierarchical-bootstrap intervals (sessions, then rounds within them, widened for "
-             "few sessions); ratios are paired by round within session pairs. Targets are judged on the "
-             "intervals: met (the whole interval satisfies the target), missed (none of it does), undecided.", ""]
+             f"architecture in the JSON: "
+             + ("a loaded machine (load above the core count)." if max(data['load_start'][0], data['load_end'][0])
+                > env['cpu_count'] else "a quiet machine (load at most the core count)."), "",
+             "Intervals are 95% Student's t intervals over the sessions' own estimates (session medians; for a "
+             "ratio, the median per-round log ratio of each order of the balanced design, averaged), so they "
+             "include the session-to-session variation; ratios are paired by round within each session. Targets "
+             "are judged on the intervals: met (the whole interval satisfies the target), missed (none of it "
+             "does), undecided. `session-only +-` is the half-width the session spread alone leaves: where it "
+             "exceeds a target's margin, more rounds cannot decide it, only more sessions.", ""]
     for arch, res in data["archs"].items():
         lines += [f"## {arch} {tuple(res['shape'])}", "", f"Fold: {res['folded_report']}. Load {res['load']}.", "",
                   "| ORT runner | p50 ms [95% CI] | p90 ms | p99 ms | session spread |", "|---|---:|---:|---:|---:|"]
         for name, st in res["ort"]["runners"].items():
             lines.append(f"| {name} | {st['p50_ms']:.2f} [{st['ci95_ms'][0]:.2f}, {st['ci95_ms'][1]:.2f}] | "
                          f"{st['p90_ms']:.2f} | {st['p99_ms']:.2f} | {100 * st['session_spread']:.0f}% |")
-        lines += ["", "| ratio (ORT) | value [95% CI] |", "|---|---:|"]
-        lines += [f"| {k} | {fmt_ci(v)} |" for k, v in res["ort"]["ratios"].items()]
+        lines += ["", "| ratio (ORT) | value [95% CI] | session-only +- |", "|---|---:|---:|"]
+        lines += [f"| {k} | {fmt_ci(v)} | {fmt_spread(v)} |" for k, v in res["ort"]["ratios"].items()]
         lines += ["", "| PyTorch eager | p50 ms [95% CI] | session spread |", "|---|---:|---:|"]
         for name, st in res["torch"]["runners"].items():
             lines.append(f"| {name} | {st['p50_ms']:.2f} [{st['ci95_ms'][0]:.2f}, {st['ci95_ms'][1]:.2f}] | "
@@ -308,7 +321,7 @@ def compare_previous(old: dict, data: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", default="resnet18,resnet50,mobilenet,efficientnet,unet")
-    ap.add_argument("--sessions", type=int, default=6)
+    ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=12, help="at least this many rounds per session")
     ap.add_argument("--session-time", type=float, default=1.0, help="at least this many seconds per session")
     ap.add_argument("--warmup", type=int, default=3)

@@ -42,10 +42,12 @@ class RunOptions:
 
 def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple | None = None,
                  input_names: list[str] | None = None, data=None, calibrate_batches=None,
-                 options: RunOptions | None = None, extra: dict | None = None, step=None) -> dict:
+                 options: RunOptions | None = None, extra: dict | None = None, step=None,
+                 bench_hooks: dict | None = None) -> dict:
     """Run the flow on ``model`` (an ``onnx.ModelProto`` or a torch ``nn.Module`` with ``example_inputs``).
     ``data`` is a :class:`bnfold.data.Dataset` shaped for the model (for accuracy), ``calibrate_batches`` an
-    iterable of input batches for Algorithm 2 recalibration (torch models). ``step(msg)`` reports progress.
+    iterable of input batches for Algorithm 2 recalibration (torch models). ``step(msg)`` reports progress;
+    ``bench_hooks`` (``on_plan``/``progress``) go to :func:`bnfold.bench.bench`.
     Returns the report dict (also written to ``report.json``)."""
     from bnfold.bench import bench, comparisons, machine_flags, plot
     from bnfold.verify import verify
@@ -105,7 +107,7 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
     with timed("bench"):
         run = bench([out / "original.onnx", out / "folded.onnx"], eps=options.eps, opt_levels=options.opt_levels,
                     batches=options.batches, warmup=options.warmup, iters=options.iters, threads=options.threads,
-                    sessions=options.sessions, min_effect=options.min_effect)
+                    sessions=options.sessions, min_effect=options.min_effect, **(bench_hooks or {}))
     report["bench"] = run.to_dict()
     report["latency"] = {"comparisons": comparisons(run), "flags": machine_flags(run), "min_effect": options.min_effect}
     plot(run, out / "latency.png")
@@ -214,14 +216,16 @@ def render_markdown(r: dict) -> str:
     verdict = printable(ver["verdict"]).replace("`", "'")  # shown in a code span
     lines += ["", f"Verdict: `{verdict}`", "", "## Latency", "",
               f"Original and folded timed side by side on the same session settings, in {cfg.get('sessions')} fresh "
-              f"sessions per setting (each at least {cfg.get('rounds_per_session')} rounds and "
-              f"{cfg.get('min_session_s')} s long; every round runs both, in "
+              f"sessions per setting (each {cfg.get('rounds_per_session')} rounds"
+              + (f" and at least {cfg.get('min_session_s')} s long" if cfg.get('min_session_s') else "")
+              + "; every round runs both, in "
               f"balanced order: original first in half the rounds), warm-up {cfg['warmup']} runs per session, "
               f"threads {cfg['threads'] or 'runtime default'}, ORT intra-op spinning "
               f"{'on' if cfg.get('spin') else 'off'}, IO binding "
               f"{'on GPU providers' if cfg['io_binding'] is None else cfg['io_binding']}. Intervals are 95% "
-              "hierarchical-bootstrap intervals (sessions, then rounds within them), so they include the "
-              "session-to-session variation; the ratio pairs the two models round by round. "
+              "Student's t intervals over the sessions' own estimates (session medians; for ratios, per-round "
+              "ratios' medians), so they include the session-to-session variation; the ratio pairs the two "
+              "models round by round. "
               f"A difference is named only when its interval excludes 1 and it exceeds "
               f"{100 * r.get('latency', {}).get('min_effect', 0.02):g}%. "
               "Optimization level `off` is ORT_DISABLE_ALL; from `basic` on, ONNX Runtime folds Conv+BN itself, so "

@@ -220,14 +220,23 @@ def load_torch_model(spec: str, *, weights: str | Path | None = None, trust_pick
 def build_variant(spec: str, shapes: list[InputSpec]) -> tuple[str, nn.Module, tuple]:
     """``SPEC`` (as built), ``SPEC@folded`` (BN folded at module level) or ``SPEC@nobn`` (BN replaced by
     Identity: the latency floor no fold can beat); returns ``(spec, module in eval mode, first input shape)``."""
-    from bnfold.torch_fold import fold_module, strip_batchnorm
-
     base, _, variant = spec.partition("@")
     if variant not in ("", "folded", "nobn"):
         raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
     model, default_shape = build_model(base)
     model.eval()
-    inputs = example_inputs(shapes, default_shape)
+    return make_variant(spec, model, example_inputs(shapes, default_shape))
+
+
+def make_variant(spec: str, model: nn.Module, inputs: tuple) -> tuple[str, nn.Module, tuple]:
+    """The variant ``spec`` names (``SPEC``, ``SPEC@folded``, ``SPEC@nobn``) of ``model`` (built and loaded,
+    e.g. by :func:`load_torch_model`): ``(spec, module in eval mode, first input shape)``."""
+    from bnfold.torch_fold import fold_module, strip_batchnorm
+
+    variant = spec.partition("@")[2]
+    if variant not in ("", "folded", "nobn"):
+        raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
+    model.eval()
     if variant == "folded":
         model = fold_module(model, inputs).module
     elif variant == "nobn":

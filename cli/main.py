@@ -284,13 +284,16 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int),
               help="Comma-separated batch sizes.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model before timing.")
-@click.option("--iters", type=int, default=100, show_default=True,
-              help="Timed rounds in all, split over the sessions (each model once per round).")
+@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed rounds per setting in all (each model once per round), split over about sqrt(ITERS) "
+                   "fresh sessions.")
 @click.option("--sessions", type=int, default=None,
-              help="Fresh sessions per setting, at least 3 (default: 3-10, more for more --iters).")
-@click.option("--session-time", type=click.FloatRange(0), default=0.5, show_default=True,
-              help="Seconds each session runs at least (more rounds for fast models).")
-@click.option("--duration", type=float, default=None, help="Time for this many seconds per setting instead of --iters.")
+              help="Fresh sessions per setting, at least 3 (default: about sqrt(--iters), or what --duration affords).")
+@click.option("--session-time", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds each session runs at least (more rounds for fast models; 0: the planned rounds).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds per setting, session set-up included, instead of --iters (sessions and rounds planned "
+                   "from a trial session).")
 @click.option("--threads", type=int, default=None,
               help="Intra-op threads (default: 1 on ORT's CPU provider, for steady side-by-side timing; 0: the "
                    "runtime's choice).")
@@ -298,8 +301,8 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
               help="Let ORT's intra-op threads spin between runs (off: idle sessions do not steal the cores).")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a difference only beyond this fraction (and when its 95%% interval excludes 1).")
-@click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself; report how often the "
-              "95%% interval excludes 1 (exit 1 if far more often than 5%%).")
+@click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself (disjoint pairs); report "
+              "how often the 95%% interval excludes 1 (exit 1 if improbably often or rarely for 5%%).")
 @click.option("--aa-copies", type=click.IntRange(2, 16), default=4, show_default=True, help="Copies for --aa.")
 @click.option("--aa-repeats", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Separate benchmarks for --aa.")
@@ -315,12 +318,15 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
               help="torch runtime: torch.compile the modules (MODE: default, reduce-overhead, max-autotune).")
 @click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
               help="Shape of each input when it has dynamic dimensions besides the batch.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="torch runtime: state dict for the PyTorch specs (.pt/.pth weights-only, or .safetensors).")
+@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
 @json_option
 @common_options
 def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_time, duration, threads, spin,
           min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode,
-          input_shape, plot_path, json_mode):
+          input_shape, weights, trust_pickle, plot_path, json_mode):
     """Time MODELS side by side on each provider / optimization level / batch, in several fresh sessions of
     balanced order, with p50/p90/p99, 95% intervals (hierarchical bootstrap over sessions and runs) and the
     ratio of every model to the first; a difference is named only when its interval supports it.
@@ -338,7 +344,11 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
     from bnfold.bench import plot
     from bnfold.torch_io import parse_input_shape
 
-    plan = OutputPlan()
+    from .progress import BenchDisplay
+
+    if weights is not None and runtime != "torch":
+        raise BnfoldError("--weights is for PyTorch specs (--runtime torch); an .onnx file holds its own weights")
+    plan = OutputPlan().read(weights, "--weights")
     for m in models if runtime == "ort" else ():
         plan.read_model(m, f"model {m}")
     plan.write(plot_path, "--plot", suffixes=FIGURE_SUFFIXES).check()
@@ -355,8 +365,11 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
                 raise BnfoldError(f"{m}: no such .onnx file (use --runtime torch for PyTorch specs)")
         targets = list(models)
     else:
-        from bnfold.torch_io import build_variant
-        targets = [build_variant(m, shapes) for m in models]
+        from bnfold.torch_io import make_variant
+        targets = []
+        for m in models:
+            module, inputs, _ = _load_torch(m.partition("@")[0], weights, input_shape, trust_pickle)
+            targets.append(make_variant(m, module, inputs))
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
     kwargs = dict(eps=eps, opt_levels=opt_levels, batches=batches, warmup=warmup, iters=iters, sessions=sessions,
@@ -376,12 +389,8 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
                                     "runs": result.runs}))
         con.print(result.verdict(), soft_wrap=True, markup=False)
         sys.exit(EXIT_OK if result.summary()["passed"] else EXIT_FAILED)
-    with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
-        task = progress.add_task("benchmarking", total=None)
-
-        def report(k, n, s):
-            progress.update(task, total=n, completed=k, description=f"{s.ep} opt {s.opt_level} batch {s.batch}")
-        run = run_bench(targets, progress=report, **kwargs)
+    with BenchDisplay(con, bool(quiet)) as display:
+        run = run_bench(targets, **display.hooks(), **kwargs)
     if plot_path is not None:
         plot(run, plot_path)
     if json_mode:
@@ -522,9 +531,13 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
     def step(msg):
         if not quiet:
             con.print(styled(f"- {msg}", "dim"))
+    from .progress import BenchDisplay
+
     options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect)
-    report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
-                          calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
+    with BenchDisplay(con, bool(quiet), prefix="  ") as display:
+        report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
+                              calibrate_batches=calibrate_batches, options=options, extra=extra, step=step,
+                              bench_hooks=display.hooks())
     from bnfold.pipeline import run_verdict
 
     if json_mode:
@@ -544,7 +557,8 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--ep", "eps", default="cpu", show_default=True, callback=_csv("provider", ("cpu", "cuda", "tensorrt")),
               help="Comma-separated execution providers to verify and benchmark on.")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int))
-@click.option("--iters", type=int, default=50, show_default=True, help="Benchmark rounds per setting.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Benchmark rounds per setting in all (each model once per round), over about sqrt(ITERS) sessions.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")

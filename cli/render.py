@@ -86,8 +86,10 @@ def bench_table(run, width: int = 80) -> Table:
         if r.verdict is None:
             ratio, rci, word = "1", "", "baseline"
         else:
-            v = judge(r.ratio, r.ratio_ci95, min_effect)
-            word = "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}"
+            v = judge(r.ratio, r.ratio_ci95, min_effect, getattr(r, "spread_halfwidth", None))
+            excludes_1 = r.ratio_ci95[0] > 1 or r.ratio_ci95[1] < 1
+            word = (v if v == "underpowered" else f"below {100 * min_effect:g}%" if v == "none" and excludes_1
+                    else "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}")
             ratio, rci = f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}"
         if narrow:
             table.add_row(cell(name) + "\n" + cell(setting), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)

@@ -28,7 +28,6 @@ from bnfold.bench import (
     sign_test,
     summarize,
     t975,
-    widening,
     williams_orders,
 )
 from bnfold.cli.main import main
@@ -44,16 +43,14 @@ def test_summarize_known_samples():
     assert st["p50_ms"] == 50.5 and st["mean_ms"] == 50.5 and st["sessions"] == 1
     assert st["p90_ms"] == pytest.approx(90.1) and st["p99_ms"] == pytest.approx(99.01)
     lo, hi = st["ci95_ms"]
-    assert lo < 50.5 < hi and 40 < lo and hi < 61  # the median of 100 uniform values: about +-10
+    assert (lo, hi) == (40, 61)  # order statistics 40 and 61 of 100: the distribution-free 95% interval
     const = summarize([[2.0] * 30, [2.0] * 30, [2.0] * 30])
     assert const["ci95_ms"] == pytest.approx([2.0, 2.0]) and const["session_spread"] == 0
 
 
-def test_t_quantiles_and_widening():
+def test_t_quantiles():
     assert t975(1) == pytest.approx(12.706) and t975(9) == pytest.approx(2.262)
     assert t975(60) == pytest.approx(2.000, abs=2e-3) and t975(10 ** 6) == pytest.approx(1.96, abs=1e-3)
-    assert widening(3) == pytest.approx((1.5 ** 0.5) * 4.303 / 1.96, rel=1e-3)
-    assert widening(1) == 1.0 and widening(3) > widening(10) > 1
 
 
 def test_median_interval_sees_the_sessions():
@@ -101,12 +98,12 @@ def _simulate(rng, sessions, rounds, session_sd, round_sd, position=0.0):
 def _exclusion_rate(method, n_sim=80, seed=0, **kw):
     rng = np.random.default_rng(seed)
     out = 0
-    for i in range(n_sim):
+    for _ in range(n_sim):
         a, b = _simulate(rng, **kw)
         if method == "hierarchical":
-            ci = ratio_ci(a, b, block=2, n_boot=400, seed=i)["ci95"]
-        else:  # every round of every session pooled into one: the method bench used before
-            ci = ratio_ci(np.concatenate(a), np.concatenate(b), block=2, n_boot=400, seed=i)["ci95"]
+            ci = ratio_ci(a, b, block=2)["ci95"]
+        else:  # every round of every session pooled into one: the method bench used before sessions
+            ci = ratio_ci(np.concatenate(a), np.concatenate(b), block=2)["ci95"]
         out += ci[0] > 1 or ci[1] < 1
     return out / n_sim
 
@@ -208,10 +205,15 @@ def test_measure_min_session_time_and_whole_cycles():
 
 
 def test_plan_sessions():
-    assert plan_sessions(2, 100) == (6, 16)
+    """--iters is the rounds per setting in all: about sqrt(iters) sessions, no cap (more rounds, more
+    sessions), whole cycles; the old plan capped sessions at 10 and ran every session for 0.5 s."""
+    assert plan_sessions(2, 100) == (10, 10)
+    assert plan_sessions(2, 20) == (4, 6)
     assert plan_sessions(4, 15)[0] >= 3
     s, r = plan_sessions(3, 200)
     assert s >= 3 and r % 6 == 0
+    s, r = plan_sessions(2, 10_000)
+    assert s == 100 and s * r == 10_000
     from bnfold.errors import BnfoldError
     with pytest.raises(BnfoldError, match="at least 3"):
         plan_sessions(2, 100, sessions=2)
@@ -226,14 +228,41 @@ def test_judge_needs_interval_and_size():
     assert judge(0.99, [0.985, 0.995], min_effect=0.005) == "faster"
     assert describe(0.994, [0.962, 1.027]) == "no measurable difference (ratio 0.994, interval [0.962, 1.027])"
     assert describe(0.9, [0.85, 0.95]).startswith("10.0% faster (ratio 0.900")
+    # an interval that excludes 1 but a ratio within --min-effect: said as such, not "no measurable difference"
+    assert describe(0.981, [0.974, 0.987]) == ("1.9% faster, below the 2% you asked for (ratio 0.981, interval "
+                                               "[0.974, 0.987])")
+    assert describe(1.015, [1.004, 1.026], 0.05).startswith("1.5% slower, below the 5% you asked for")
+    # the session spread alone keeps the interval wider than --min-effect: underpowered, with the sessions needed
+    assert judge(0.97, [0.90, 1.05], spread_halfwidth=0.06) == "underpowered"
+    assert judge(0.97, [0.90, 1.05], spread_halfwidth=0.01) == "none"
+    assert judge(0.90, [0.85, 0.95], spread_halfwidth=0.06) == "faster"  # a named difference stands
+    text = describe(0.97, [0.90, 1.05], spread_halfwidth=0.06, sessions=8)
+    assert text.startswith("underpowered (ratio 0.970 [0.900, 1.050])") and "+-6.0%" in text
+    need = int(re.search(r"about (\d+) sessions", text).group(1))
+    assert 50 < need < 120  # sd = ln(1.06) sqrt(8) / t(7); t(S-1) sd / sqrt(S) <= ln(1.02) from about 80 on
+
+
+def _res(spread, ratio, ci, within, session_ratios, spread_h=0.0):
+    return {"model": "b.onnx", "ep": "cpu", "opt_level": "all", "batch": 1, "session_spread": spread, "ratio": ratio,
+            "ratio_ci95": ci, "within_ci95": within, "session_ratios": session_ratios, "spread_halfwidth": spread_h,
+            "verdict": judge(ratio, ci, 0.02, spread_h)}
 
 
 def test_machine_flags():
+    """'sessions disagree' only when the session spread changes the conclusion: session medians 45% apart with a
+    ratio every session agrees on is no reason to doubt it (the old rule flagged any spread above 10%)."""
+    base = {"model": "a.onnx", "ep": "cpu", "opt_level": "all", "batch": 1, "session_spread": 0.45, "ratio": 1.0,
+            "verdict": None}
+    agree = _res(0.45, 0.90, [0.88, 0.92], [0.89, 0.91], [0.89, 0.90, 0.91])
     run = {"env": {"cpu_count": 2, "loadavg": [1.0, 1, 1]}, "config": {"load_start": [3.5, 2, 1]},
-           "results": [{"session_spread": 0.02}, {"session_spread": 0.3}]}
-    flags = machine_flags(run)
-    assert any("load average 3.5 on 2 cores" in f for f in flags) and any("30%" in f for f in flags)
-    quiet = {"env": {"cpu_count": 2}, "config": {"load_start": [0.5, 0, 0]}, "results": [{"session_spread": 0.02}]}
+           "results": [base, agree]}
+    assert machine_flags(run) == ["machine loaded (load average 3.5 on 2 cores)"]
+    changed = _res(0.45, 0.95, [0.85, 1.06], [0.94, 0.96], [0.86, 0.97, 1.04], spread_h=0.01)
+    quiet = {"env": {"cpu_count": 2}, "config": {"load_start": [0.5, 0, 0]}, "results": [base, changed]}
+    flags = machine_flags(quiet)
+    assert len(flags) == 1 and flags[0].startswith("sessions disagree: b.onnx cpu opt all batch 1 would read 5.0% "
+                                                   "faster from the rounds alone") and "0.860-1.040" in flags[0]
+    quiet["results"] = [base, agree]
     assert machine_flags(quiet) == []
 
 
@@ -268,9 +297,15 @@ def _aa(ratios, excluded):
 def test_aa_verdict():
     rng = np.random.default_rng(0)
     fair = _aa(list(1 + rng.normal(0, 0.01, 24)), excluded=1)
-    assert fair.summary()["passed"] and fair.verdict().startswith("PASSED | A/A: 1 of 24")
+    assert fair.summary()["passed"] and fair.verdict().startswith("PASSED | A/A: 1 of 24 independent")
     too_many = _aa(list(1 + rng.normal(0, 0.01, 24)), excluded=6)
     assert not too_many.summary()["passed"] and too_many.verdict().startswith("FAILED")
+    assert "intervals too narrow" in too_many.verdict()
+    # intervals far too wide never exclude 1: the two-sided test fails them once there are enough comparisons
+    # (0 of 120: P = 0.95^120 = 0.2%); the old one-sided test passed 0 exclusions whatever their number
+    too_wide = _aa(list(1 + rng.normal(0, 0.01, 120)), excluded=0)
+    assert not too_wide.summary()["passed"] and "intervals too wide" in too_wide.verdict()
+    assert _aa(list(1 + rng.normal(0, 0.01, 120)), excluded=6).summary()["passed"]
     biased = _aa([0.99 + 0.001 * rng.random() for _ in range(24)], excluded=0)  # the second-listed always faster
     s = biased.summary()
     assert not s["passed"] and not s["median_within_0.5%"]
@@ -305,7 +340,7 @@ def test_bench_small_model(models):
         assert r.sessions == 3 and len(r.samples_ms) == 3 and r.iters == sum(map(len, r.samples_ms))
         assert r.model_mb > 0 and r.session_ms > 0
     second = run.results[1]
-    assert second.verdict in ("faster", "slower", "none") and len(second.session_ratios) == 3
+    assert second.verdict in ("faster", "slower", "none", "underpowered") and len(second.session_ratios) == 3
     assert [len(s) for s in second.samples_ms] == [len(s) for s in first.samples_ms]  # paired by round
     assert {(r.opt_level, r.batch) for r in run.results} == {("off", 1), ("off", 2), ("all", 1), ("all", 2)}
     assert run.env["onnxruntime"] and run.env["cpu"] and run.config["spin"] is False
@@ -334,7 +369,7 @@ def test_cli_json_schema_and_plot(models, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     done = r.stderr.strip().splitlines()[-1]
     assert done.startswith("DONE | 2 measurement(s)")
-    assert ("no measurable difference" in done) or ("faster" in done) or ("slower" in done)
+    assert any(w in done for w in ("no measurable difference", "faster", "slower", "underpowered"))
 
 
 @pytest.mark.parametrize("columns", ["80", "60"])
