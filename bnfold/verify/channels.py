@@ -104,7 +104,7 @@ class _Graph:
                 axes = (-1,)
                 break
             if op in ("Concat",):
-                axes = (_attr(node, "axis", 0),)
+                axes = self._concat_axes(node, cur)
                 break
             if op in ("Softmax", "LogSoftmax", "Hardmax"):
                 axes = (_attr(node, "axis", -1 if self.opset >= 13 else 1),)
@@ -141,6 +141,27 @@ class _Graph:
                 if rs is not None and rd is not None and rs != rd:
                     axes = tuple((a % rs) + (rd - rs) for a in axes)
         return axes
+
+    def _concat_axes(self, node, out_name) -> tuple[int, ...]:
+        """A Concat's channel axes are its inputs' when they all agree (a detector head concatenating boxes
+        and probabilities on the last axis, then scales over anchors, keeps the last axis as its channel);
+        otherwise the concat axis itself (concatenating feature maps on axis 1 adds channels)."""
+        r = self.rank(out_name)
+        norm = (lambda axes: tuple(sorted(a % r for a in axes))) if r else (lambda axes: tuple(sorted(axes)))
+        found = set()
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth < 64:
+                for i in node.input:
+                    if not i or i in self.initializers:
+                        continue
+                    a = self.channel_axes(i)
+                    found.add(norm(a) if a is not None and (r or all(x >= 0 for x in a)) else None)
+        finally:
+            self._depth -= 1
+        if len(found) == 1 and None not in found:
+            return found.pop()
+        return (_attr(node, "axis", 0),)
 
     def _data_input(self, node, out_name):
         op = node.op_type

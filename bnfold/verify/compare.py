@@ -10,7 +10,7 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.verify.channels import _attr
 from bnfold.verify.result import OutputStats
-from bnfold.verify.tolerance import TOLERANCES
+from bnfold.verify.tolerance import TOLERANCES, channel_budget, unit_roundoff
 
 if TYPE_CHECKING:
     import onnx
@@ -25,11 +25,16 @@ def _output_kind(dtype: np.dtype) -> str:
 
 
 def compare_output(ref: np.ndarray, cand: np.ndarray, *, atol: float | None, rtol: float | None,
-                   channel_axes: tuple[int, ...] | None = None, excused: np.ndarray | None = None) -> OutputStats:
+                   channel_axes: tuple[int, ...] | None = None, excused: np.ndarray | None = None,
+                   spread: np.ndarray | None = None, budget_dtype: str | None = None) -> OutputStats:
     """Compare one output. ``channel_axes`` (default: axis 1 when the output has two or more dimensions) are the
-    axes whose every index is a channel with its own default ``atol`` (see the module docstring); ``()`` makes
-    the whole tensor one channel. ``excused`` marks elements of an integer output accepted as arg-max tie
-    flips."""
+    axes whose every index is a channel with its own tolerance; ``()`` makes the whole tensor one channel.
+
+    With ``spread`` (the reference's deviation under rounding-sized perturbations, see
+    :func:`bnfold.verify.tolerance.rounding_spread`) and neither ``atol`` nor ``rtol``, each channel is held to
+    its rounding budget (:func:`bnfold.verify.tolerance.channel_budget`, at ``budget_dtype``'s unit roundoff);
+    otherwise to the fixed rule (:data:`bnfold.verify.tolerance.TOLERANCES`, ``atol``/``rtol`` overriding it).
+    ``excused`` marks elements of an integer output accepted as arg-max tie flips."""
     ref_a, cand_a = np.asarray(ref), np.asarray(cand)
     dtype = str(cand_a.dtype)
     kind = _output_kind(cand_a.dtype)
@@ -49,18 +54,23 @@ def compare_output(ref: np.ndarray, cand: np.ndarray, *, atol: float | None, rto
     with np.errstate(invalid="ignore"):
         same = (ref64 == cand64) | (np.isnan(ref64) & np.isnan(cand64))  # identical infinities / NaNs agree
     nonfinite_bad = ~both & ~same
-    diff = np.where(both, np.abs(cand64 - ref64), 0.0)
-    if atol is not None:
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(both, np.abs(cand64 - ref64), 0.0)
+    use_budget = spread is not None and atol is None and rtol is None
+    if use_budget:
+        budget_dtype = budget_dtype or "float32"
+        atol_arr = channel_budget(spread, ref64, axes, unit_roundoff(budget_dtype))
+    elif atol is not None:
         atol_arr = np.full((1,) * ndim, float(atol))
     else:
         mag = np.where(fin_r, np.abs(ref64), 0.0)
         other = tuple(k for k in range(ndim) if k not in axes)
         ch_max = mag.max(axis=other, keepdims=True) if (other and mag.size) else (mag if mag.size else np.zeros((1,) * ndim))
         atol_arr = a_scale * np.maximum(1.0, ch_max)
-    rtol_v = float(rtol) if rtol is not None else r_default
+    rtol_v = 0.0 if use_budget else (float(rtol) if rtol is not None else r_default)
     bound = atol_arr + rtol_v * np.where(fin_r, np.abs(ref64), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(both, diff / bound, 0.0)
+        ratio = np.where(both & (diff > 0), diff / bound, 0.0)
     ratio = np.where(nonfinite_bad, np.inf, ratio)
     ok = not bool(np.any(ratio > 1.0))
     worst = None
@@ -90,7 +100,7 @@ def compare_output(ref: np.ndarray, cand: np.ndarray, *, atol: float | None, rto
         mean_abs=float(d.mean()) if d.size else 0.0, p99_abs=float(np.percentile(d, 99)) if d.size else 0.0,
         cosine=cosine, atol=atol_worst, rtol=rtol_v, passed=ok and n_bad == 0, dtype=dtype, shape=shape,
         kind="float", channel_axes=list(axes) if axes else None, worst_channel=worst, tol_ratio=tol_ratio,
-        nonfinite_mismatches=n_bad)
+        nonfinite_mismatches=n_bad, budget=f"{budget_dtype} rounding" if use_budget else None)
 
 
 def _compare_exact(ref_a, cand_a, ref64, cand64, kind, dtype, shape, excused) -> OutputStats:

@@ -11,7 +11,8 @@ import onnx
 from bnfold.runtime import make_session
 from bnfold.verify.channels import _Graph
 from bnfold.verify.compare import compare_output
-from bnfold.verify.runners import _with_outputs
+from bnfold.verify.runners import OnnxParamRunner, _with_outputs
+from bnfold.verify.tolerance import rounding_spread, unit_roundoff
 
 #: metadata key of the module-level fold record (written by :func:`bnfold.torch_fold.record_module_folds`)
 MODULE_FOLDS_KEY = "bnfold.module_folds"
@@ -73,7 +74,8 @@ def _entry_into(entries: list[dict], node) -> dict | None:
 
 
 def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, *, ep: str = "cpu",
-                      atol: float | None = None, rtol: float | None = None) -> dict | None:
+                      atol: float | None = None, rtol: float | None = None, budget_dtype: str | None = None,
+                      seed: int = 0) -> dict | None:
     """The first tensor, in the candidate's graph order, that differs beyond tolerance from its counterpart in
     the reference; with the candidate node that computes it, the fold that touched it and its source layer.
 
@@ -119,7 +121,8 @@ def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
         return None
     c_names = [t for _, t in order]
     r_names = sorted({pairs[t][0] for t in c_names})
-    r_sess = make_session(_with_outputs(reference, r_names), ep=ep, opt_level="off")
+    r_model = _with_outputs(reference, r_names)
+    r_sess = make_session(r_model, ep=ep, opt_level="off")
     c_sess = make_session(_with_outputs(candidate, c_names), ep=ep, opt_level="off")
     r_feeds = {i.name: feeds[i.name] for i in r_sess.get_inputs() if i.name in feeds}
     r_feeds.update({i.name: feeds[i.name] for i in r_sess.get_overridable_initializers() if i.name in feeds})
@@ -127,6 +130,12 @@ def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
     c_feeds.update({i.name: feeds[i.name] for i in c_sess.get_overridable_initializers() if i.name in feeds})
     r_vals = dict(zip([o.name for o in r_sess.get_outputs()], r_sess.run(None, r_feeds)))
     c_vals = dict(zip([o.name for o in c_sess.get_outputs()], c_sess.run(None, c_feeds)))
+    spreads: dict[str, np.ndarray] = {}
+    if budget_dtype is not None and atol is None and rtol is None:  # each tensor's own rounding budget
+        params = OnnxParamRunner(r_model, ep)
+        spread = rounding_spread(lambda p: params.run(r_feeds, p), params.params, unit_roundoff(budget_dtype),
+                                 seed=seed)
+        spreads = dict(zip(params.runner.output_names, spread))
     graph = _Graph(candidate, {k: np.shape(v) for k, v in feeds.items()})
     for node, name in order:
         r_name, mfold = pairs[name]
@@ -135,7 +144,9 @@ def locate_divergence(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
         rv, cv = r_vals[r_name], c_vals[name]
         if np.shape(rv) != np.shape(cv):
             continue
-        st = compare_output(rv, cv, atol=atol, rtol=rtol, channel_axes=graph.channel_axes(name))
+        sp = spreads.get(r_name)
+        st = compare_output(rv, cv, atol=atol, rtol=rtol, channel_axes=graph.channel_axes(name),
+                            spread=sp if np.shape(sp) == np.shape(rv) else None, budget_dtype=budget_dtype)
         if st.passed:
             continue
         label = node.name or f"{node.op_type}@{name}"

@@ -33,6 +33,9 @@ class OutputStats:
     mismatch_rate: float | None = None
     #: arg-max outputs: disagreements accepted as ties (see the module docstring)
     tie_flips: int = 0
+    #: the tolerance was this rounding budget ("float16 rounding": atol is the worst channel's budget, rtol 0);
+    #: None: the fixed rule (or explicit --atol/--rtol)
+    budget: str | None = None
 
 
 @dataclass
@@ -48,6 +51,12 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     #: the second run with overridable initializers fed random values: names and per-output stats (or None)
     overridden: dict | None = None
+    #: how the tolerance was set: {"kind": "rounding", "dtype", "draws", "why"} or {"kind": "fixed", ...}
+    tolerance: dict | None = None
+    #: could the check have failed? {"bn_total", "checked", "all_removed_detected", "undetected": [...]}
+    power: dict | None = None
+    #: why a pass proves little (the BatchNorms are identities on this data, ...), or None
+    unproven: str | None = None
 
     def to_dict(self) -> dict:
         return _json_safe(asdict(self))
@@ -72,8 +81,12 @@ class VerifyResult:
             where = ""
             if st.worst_channel is not None and st.channel_axes:
                 where = f" in channel {_fmt_index(st.worst_channel['index'])} of axis {_fmt_index(st.channel_axes)}"
-            detail = (f"max_abs {st.max_abs:.3g}{where} (tol {st.atol:.3g} + {st.rtol:.0e}*|ref|), "
-                      f"cosine {_fmt_cos(st.cosine)}")
+            if st.budget:
+                tol = f"= {_fmt_ratio(st.tol_ratio)} x its {st.budget} budget {st.atol:.3g}"
+            else:
+                tol = f"(tol {st.atol:.3g} + {st.rtol:.0e}*|ref|)"
+            err = st.worst_channel["max_abs"] if where else st.max_abs
+            detail = f"max_abs {err:.3g}{where} {tol}, cosine {_fmt_cos(st.cosine)}"
             if st.nonfinite_mismatches:
                 detail += f", {st.nonfinite_mismatches} NaN/inf mismatch(es)"
         else:
@@ -88,8 +101,14 @@ class VerifyResult:
         if self.accuracy is not None:
             parts.append(f"accuracy {100 * self.accuracy['reference']:.2f}% -> {100 * self.accuracy['candidate']:.2f}%")
         parts.append(f"{self.samples} samples ({self.inputs}) on {', '.join(self.providers.get('candidate', []))}")
+        tol = self.tolerance or {}
+        if tol.get("kind") == "rounding":
+            parts.append(f"tolerance: {tol['dtype']} rounding budget ({tol['why']})")
+        elif tol.get("kind") == "fixed":
+            parts.append(f"tolerance: {tol['why']}")
         if self.passed:
-            return "PASSED | " + "; ".join(parts)
+            head = f"PASSED (unproven: {self.unproven})" if self.unproven else "PASSED"
+            return f"{head} | " + "; ".join(parts)
         msg = "FAILED | " + "; ".join(parts)
         if self.first_divergence:
             fd = self.first_divergence
@@ -104,6 +123,10 @@ class VerifyResult:
 
 def _fmt_index(idx) -> str:
     return str(idx[0]) if isinstance(idx, (list, tuple)) and len(idx) == 1 else str(tuple(idx))
+
+
+def _fmt_ratio(r) -> str:
+    return "inf" if r is None or not math.isfinite(r) else f"{r:.2g}"
 
 
 def _fmt_cos(c) -> str:
