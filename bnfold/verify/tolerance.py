@@ -45,7 +45,7 @@ UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 **
 #: perturbed runs of the reference
 DRAWS = 3
 #: the budget is this many times the largest deviation the draws produced ...
-SAFETY = 16.0
+SAFETY = 4.0
 #: ... plus this many unit roundoffs of the channel's largest magnitude
 FLOOR_ULPS = 16.0
 
