@@ -5,21 +5,16 @@ for us, or a PyTorch module, run eagerly) and the candidate (the folded ONNX mod
 random tensors, or real data. Per output we report max/mean/p99 absolute error, max relative error, cosine
 similarity and the worst channel.
 
-**Floating-point outputs** pass when every element satisfies ``|cand - ref| <= atol_c + rtol * |ref|``, where
-``atol_c`` belongs to the element's *channel*: ``atol_c = atol_scale * max(1, max|ref over channel c|)``. The
-channel axis is the one the output's producer defines (Conv/BatchNorm/pooling: axis 1; Gemm: 1; MatMul: the
-last axis; Concat and Softmax: their ``axis``; followed through elementwise ops, Transpose, and Reshape/Flatten
-when the shapes are known); when it cannot be told, each slice of axis 1 is a channel. So a detector head that
-puts box coordinates (hundreds) next to probabilities (0..1) in one tensor holds each probability channel to its
-own magnitude. An explicit ``atol`` is absolute, for every channel.
+**Floating-point outputs** pass when every channel's error is within its *rounding budget*: what rounding the
+parameters by half an ULP of the candidate's dtype does to the reference's outputs on the same inputs
+(:mod:`bnfold.verify.tolerance`). ``atol``/``rtol`` replace it by the fixed rule ``|cand - ref| <= atol_c +
+rtol * |ref|``. The channel axis is the one the output's producer defines (Conv/BatchNorm/pooling: axis 1;
+Gemm: 1; MatMul: the last axis; Softmax: its ``axis``; Concat: its inputs' when they agree, else its ``axis``;
+followed through elementwise ops, Transpose, and Reshape/Flatten when the shapes are known); when it cannot be
+told, each slice of axis 1 is a channel.
 
-=========  ==========  =====
-dtype      atol_scale  rtol
-=========  ==========  =====
-fp32/fp64  1e-4        1e-3
-fp16       5e-3        1e-2
-bf16       2e-2        5e-2
-=========  ==========  =====
+After a pass, :mod:`bnfold.verify.power` asks whether dropping a BatchNorm would have been seen; where not,
+the verdict says ``PASSED (unproven: ...)``.
 
 A NaN or infinity in one model where the other has a finite value fails the output, and its cosine is reported
 as NaN (``null`` in JSON).
@@ -27,7 +22,7 @@ as NaN (``null`` in JSON).
 **Integer and bool outputs** must match exactly; the disagreement rate is reported. One exception, for
 arg-max ties that a correct fp32 fold can flip: for an output computed by ArgMax/ArgMin, a position where the
 two models pick different indices is a *tie flip*, and accepted, when the reference's own scores at the two
-indices differ by no more than the float tolerance above (``atol_scale * max(1, |s|) + rtol * |s|``, ``s``
+indices differ by no more than the fixed float tolerance (``atol_scale * max(1, |s|) + rtol * |s|``, ``s``
 the reference's score at its own index). This needs the scores, so it applies with an ONNX reference that
 computes the arg-max input under the same tensor name; tie flips are counted in the report.
 

@@ -46,7 +46,7 @@ UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 **
 DRAWS = 3
 #: the budget is this many times the largest deviation the draws produced ...
 SAFETY = 4.0
-#: ... plus this many unit roundoffs of the channel's largest magnitude
+#: ... plus this many unit roundoffs (half-ULPs) of the channel's largest magnitude
 FLOOR_ULPS = 16.0
 
 
