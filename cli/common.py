@@ -135,9 +135,12 @@ def verify_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")(f)
     f = click.option("--batch", type=int, default=8, show_default=True,
                      help="Batch size of random inputs when the batch dimension is dynamic.")(f)
-    f = click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by output dtype).")(f)
+    f = click.option("--rtol", type=float, default=None,
+                     help="Relative tolerance: with or without --atol, a fixed tolerance replaces the default, "
+                          "each channel's rounding budget.")(f)
     f = click.option("--atol", type=float, default=None,
-                     help="Absolute tolerance (default: by output dtype, scaled by the output's magnitude).")(f)
+                     help="Absolute tolerance for every element (a fixed tolerance instead of the rounding "
+                          "budget; with --rtol alone atol follows the dtype).")(f)
     f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="ONNX Runtime execution provider.")(f)
     f = click.option("--data", metavar="digits|FILE.npz|DIR",

@@ -86,10 +86,13 @@ def test_fp16_passes_with_fp16_tolerance_and_catches_real_errors():
     ok = verify(model, folded)
     assert ok.passed, ok.verdict()
     st = next(iter(ok.outputs.values()))
-    assert st.dtype == "float16" and st.rtol == 1e-2
+    assert st.dtype == "float16" and st.budget == "float16 rounding" and ok.tolerance["dtype"] == "float16"
     assert st.max_abs > 1e-3  # a healthy fp16 fold differs by more than fp32's default tolerance would allow
     bad = verify(model, corrupt(folded, "c2", 1.05))
     assert not bad.passed and bad.first_divergence["node"] == "c2"
+    fixed = verify(model, folded, budget=False)  # the fixed rule follows the dtype too
+    st = next(iter(fixed.outputs.values()))
+    assert fixed.passed and st.budget is None and st.rtol == 1e-2
 
 
 def test_tolerances_follow_dtype():
