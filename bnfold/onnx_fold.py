@@ -44,6 +44,7 @@ class FoldOptions:
     forward: bool = True  #: fold into the consumer when the producer cannot take it
     affine_chains: bool = True  #: fold per-channel Mul/Add/Sub/Div by constants after a producer
     lower_standalone: bool = False  #: rewrite a BN with no foldable neighbour as Mul+Add
+    merge_branches: bool = True  #: merge parallel conv/identity/BN branches summed by Add/Sub/Sum into one Conv
 
 
 def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> None:
@@ -73,7 +74,7 @@ def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> 
 
 def _plan_options(options: FoldOptions) -> planner.PlanOptions:
     return planner.PlanOptions(forward=options.forward, affine_chains=options.affine_chains,
-                               lower_standalone=options.lower_standalone)
+                               lower_standalone=options.lower_standalone, merge_branches=options.merge_branches)
 
 
 def plan_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, name: str = "") -> planner.Plan:

@@ -37,6 +37,7 @@ from bnfold.graph import (
 from bnfold.report import FoldEntry, FoldReport
 from bnfold.rules import (
     affine_chain,
+    branch_merge,
     concat_backward,
     conv_forward,
     gemm_forward,
@@ -58,12 +59,15 @@ class PlanOptions:
     forward: bool = True
     affine_chains: bool = True
     lower_standalone: bool = False
+    merge_branches: bool = True
 
 
 @dataclass
 class Step:
     entry: FoldEntry
     match: Match | None = None
+    #: a BatchNorm left in place: (its input, its affine map), which a branch merge may still take in
+    standalone: tuple | None = None
 
 
 @dataclass
@@ -98,12 +102,16 @@ def plan(model: onnx.ModelProto, options=None) -> Plan:
                 continue
             if node.op_type == "BatchNormalization":
                 step = _plan_bn(ctx, key, options, gname)
-            elif node.op_type in affine_chain.OPS and options.affine_chains:
-                step = _plan_affine(ctx, key, gname)
+            else:
+                step = None
+                if node.op_type in affine_chain.OPS and options.affine_chains:
+                    step = _plan_affine(ctx, key, gname)
+                if step is None and node.op_type in branch_merge.OPS and options.merge_branches:
+                    step = _plan_merge(ctx, key, gname, result, src_layers)
                 if step is None:
                     continue
-            else:
-                continue
+            if step.standalone is not None:
+                ctx.standalone[key] = (*step.standalone, len(result.steps))
             step.entry.layer = src_layers.get(node.output[0]) if node.output else None
             if step.match is not None and step.match.into_node is not None:
                 into = mg.node(step.match.into_node)
@@ -130,6 +138,8 @@ def _commit(ctx: Context, match: Match) -> None:
         if a.attrs:
             ctx.attrs.setdefault(a.node, {}).update(a.attrs)
     ctx.removed.update(match.remove)
+    for key, slot, name in match.set_input:
+        ctx.inputs[(key, slot)] = name
     if match.produced is not None:
         ctx.producers[match.produced[0]] = match.produced[1]
 
@@ -191,12 +201,16 @@ def _plan_bn(ctx: Context, key: NodeKey, options, gname: str) -> Step:
                               graph=gname), m)
     informative = [s for s in tried if s.applicable]
     if informative:
-        return skip(informative[0].code, informative[0].message)
-    p = mg.producer(x)
-    prod = mg.node(p[0]).op_type if p is not None else "a graph input"
-    cons = ", ".join(sorted({mg.graphs[u.graph].nodes[u.node].op_type for u in mg.real_uses(y)
-                             if u.node is not None})) or "a graph output"
-    return skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
+        step = skip(informative[0].code, informative[0].message)
+    else:
+        p = mg.producer(x)
+        prod = mg.node(p[0]).op_type if p is not None else "a graph input"
+        cons = ", ".join(sorted({mg.graphs[u.graph].nodes[u.node].op_type for u in mg.real_uses(y)
+                                 if u.node is not None})) or "a graph output"
+        step = skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
+    if x.graph == key.graph:
+        step.standalone = (x, affine)
+    return step
 
 
 def _plan_affine(ctx: Context, key: NodeKey, gname: str) -> Step | None:
@@ -214,6 +228,37 @@ def _plan_affine(ctx: Context, key: NodeKey, gname: str) -> Step | None:
         return Step(FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname))
     return Step(FoldEntry(bn=label, status="folded", into=m.into, direction="backward",
                           message=f"per-channel {op} by a constant folded into {m.into}", op=op, graph=gname), m)
+
+
+def _plan_merge(ctx: Context, key: NodeKey, gname: str, result: Plan, src_layers: dict) -> Step | None:
+    """An Add/Sub/Sum of branches that are each affine in one tensor: merged into one Conv, or refused (an
+    entry either way), or not a merge candidate (None: left alone, not reported)."""
+    form = branch_merge.candidate(ctx, key)
+    if form is None:
+        return None
+    mg = ctx.mg
+    label, op = mg.label(key), mg.node(key).op_type
+    try:
+        m, bns, message = branch_merge.match(ctx, key, form)
+        _commit(ctx, m)
+    except Skip as s:
+        if not s.applicable:
+            return None
+        return Step(FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname,
+                              direction="merged"))
+    for r in m.remove:  # convs merged away: their planned parameters are not written
+        for slot in (1, 2):
+            ctx.params.pop((r, slot), None)
+        ctx.attrs.pop(r, None)
+    host_out = mg.node(m.into_node).output[0]
+    for bn in bns:
+        _, _, idx = ctx.standalone.pop(bn)
+        e = result.steps[idx].entry
+        e.status, e.reason, e.direction, e.into = "folded", None, "merged", m.into
+        e.into_layer = src_layers.get(host_out)
+        e.message = f"identity branch merged (by {label}) into {m.into}"
+    return Step(FoldEntry(bn=label, status="folded", into=m.into, direction="merged", message=message, op=op,
+                          graph=gname), m)
 
 
 def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, channel_axis: int) -> Match:
