@@ -277,9 +277,9 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
         raise Skip("producer_output_shared", f"the output of {mg.label(pkey)} is also used elsewhere (or is a graph "
                    "output); folding would change what the other users see")
     if pnode.op_type == "Concat":
-        return concat_backward.match(ctx, pkey, site, x, y, affine, mg.rank(x))
+        return concat_backward.match(ctx, pkey, site, x, y, affine, mg.rank(x), out_slot=pslot)
     if pnode.op_type in reshape_backward.OPS:
-        return reshape_backward.match(ctx, pkey, site, x, y, affine)
+        return reshape_backward.match(ctx, pkey, site, x, y, affine, out_slot=pslot)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
     absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
     rule = layers.module_for(ctx, pkey).__name__.rsplit(".", 1)[-1]
