@@ -146,7 +146,7 @@ class FoldReport:
         s = f"{self.folded}/{self.bn_total} BatchNorm folded, {self.skipped} skipped"
         if self.affine_folded:
             s += f", {self.affine_folded} per-channel affine op(s) folded"
-        if self.branches_merged or self.merges_refused:
+        if self.branches_merged:
             s += f", {self.branches_merged} branch sum(s) merged into one Conv"
             if self.merges_refused:
                 s += f" ({self.merges_refused} refused)"

@@ -139,12 +139,12 @@ def _resolve(ctx: Context, b: Binding, graph: int, depth: int = 0) -> _Form:
         if x is None:
             return plain
         if not sole:
-            return _shared(mg.label(key), b)
+            return _shared(mg.label(key), b, x)
         return _Form(convs=[_Conv(key, x, np.ones(1))])
     if op == "BatchNormalization" and key in ctx.standalone:
         x, aff, _ = ctx.standalone[key]
         if not sole:
-            return _shared(mg.label(key), b)
+            return _shared(mg.label(key), b, x)
         inner = _resolve_operand(ctx, x, graph, depth)
         form = inner.scaled(aff.scale)
         form.shift = _add(form.shift, aff.shift)
@@ -163,7 +163,7 @@ def _resolve(ctx: Context, b: Binding, graph: int, depth: int = 0) -> _Form:
             if vec is None or (op == "Div" and (xi != 0 or np.any(vec == 0))) or ctx.opset < 7:
                 return plain
             if not sole:
-                return _shared(mg.label(key), b)
+                return _shared(mg.label(key), b, ins[xi])
             inner = _resolve_operand(ctx, ins[xi], graph, depth)
             if op == "Mul":
                 form = inner.scaled(vec)
@@ -184,21 +184,22 @@ def _resolve(ctx: Context, b: Binding, graph: int, depth: int = 0) -> _Form:
             return form
         if not any(is_c) and op in ("Add", "Sub"):
             if not sole:
-                return _shared(mg.label(key), b)
+                return _shared(mg.label(key), b, None)
             return _combine(ctx, key, ins, op, graph, depth)
     if op == "Sum" and ins and None not in ins and len(node.output) == 1:
         if any(not isinstance(ctx.const(i), NotConst) for i in ins):
             return plain
         if not sole:
-            return _shared(mg.label(key), b)
+            return _shared(mg.label(key), b, None)
         return _combine(ctx, key, ins, op, graph, depth)
     return plain
 
 
-def _shared(label: str, b: Binding) -> _Form:
-    """A node whose output ``b`` is also read elsewhere: plain ``b``, noted. It is the merge's input ``x`` when
-    other branches read ``b``; otherwise a branch read elsewhere, and the merge is refused."""
-    return _Form(idents=[_Ident(b, np.ones(1))], shared=[(label, b)])
+def _shared(label: str, b: Binding, x: Binding | None) -> _Form:
+    """A node (a conv, BN or per-channel op of ``x``) whose output ``b`` is also read elsewhere: plain ``b``,
+    noted. When other branches read ``x`` it is a branch read elsewhere, and the merge is refused; otherwise
+    ``b`` is just a tensor (the merge's input, or an unrelated one: a residual)."""
+    return _Form(idents=[_Ident(b, np.ones(1))], shared=[(label, b, x)])
 
 
 def _resolve_operand(ctx: Context, b: Binding, graph: int, depth: int) -> _Form:
@@ -287,8 +288,8 @@ def candidate(ctx: Context, key: NodeKey) -> _Form | None:
     if not form.convs:
         return None
     inputs = {c.x for c in form.convs} | {i.x for i in form.idents if i.via}
-    form.shared = [(label, b) for label, b in form.shared if b not in inputs]
-    shared = {b for _, b in form.shared}
+    form.shared = [(label, b, x) for label, b, x in form.shared if x is not None and x in inputs]
+    shared = {b for _, b, _ in form.shared}
     groups: dict[Binding, int] = {}
     for c in form.convs:
         groups[c.x] = groups.get(c.x, 0) + 1
@@ -307,7 +308,7 @@ def match(ctx: Context, key: NodeKey, form: _Form) -> tuple[Match, list[NodeKey]
     label = mg.label(key)
     xs = {c.x for c in form.convs} | {i.x for i in form.idents}
     if form.shared:
-        raise Skip("branch_output_shared", f"the output of {', '.join(n for n, _ in form.shared)} (a branch of {label}) is also "
+        raise Skip("branch_output_shared", f"the output of {', '.join(n for n, _, _ in form.shared)} (a branch of {label}) is also "
                    "read elsewhere (another node or a graph output): merging would change what it sees")
     if len(xs) > 1:
         raise Skip("branch_inputs_differ", f"the branches of {label} read different tensors "

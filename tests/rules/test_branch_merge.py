@@ -303,3 +303,15 @@ def test_merged_fp16_model_rounds_once():
     assert_close(run_ort(folded, feeds)[0], run_ort(model, feeds)[0], low_precision=True)
     assert count_bn(folded) == 0
     assert fold_model(model)[1].branches_merged == 2
+
+
+def test_residual_whose_input_is_a_conv_output_is_not_reported():
+    """FastViT's ``x + mlp(x)`` where ``x`` is itself a (merged) conv's output, read by the mlp too: a plain
+    residual, not a branch read elsewhere."""
+    g = G(seed=28)
+    inp = g.input("x", [2, 4, 6, 6])
+    x = g.conv(inp, 4, 4, k=3, pads=[1, 1, 1, 1], name="prev")
+    h = g.node("Relu", [g.conv(x, 4, 8, k=1, name="fc1")])
+    model = g.model([g.node("Add", [x, g.conv(h, 8, 4, k=1, name="fc2")], name="add")])
+    folded, report = fold_model(model)
+    assert not merges(report) and ops(folded) == ops(model)
