@@ -23,7 +23,7 @@ Needs timm (``/work/venv-timm``); run from the repository root::
         [--sessions 6] [--iters 60] [--img 224] [--out benchmarks/results] [--no-latency]
 
 Writes ``branch_merge_cpu.json`` (with every raw sample) and ``branch_merge_cpu.md`` to ``--out``.
-``--smoke`` runs everything with tiny settings (64x64 input, 2 sessions, few rounds) into a temporary directory
+``--smoke`` runs everything with tiny settings (64x64 input, 3 sessions, few rounds) into a temporary directory
 unless ``--out`` is given: its timings are not results.
 """
 
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.img, args.sessions, args.iters, args.min_session_s = 64, 2, 6, 0.1
+        args.img, args.sessions, args.iters, args.min_session_s = 64, 3, 18, 0.1
     out = args.out or (Path(tempfile.mkdtemp(prefix="branch_merge_smoke_")) if args.smoke else
                        Path("benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)

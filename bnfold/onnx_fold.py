@@ -7,7 +7,9 @@ the producer (Conv, ConvTranspose, Gemm, MatMul[+Add], through Concat per slice,
 MatMul) when BN is the only user of the producer's output; otherwise *forward* into the only consumer (Conv
 without padding, Gemm, MatMul, through Flatten); otherwise *lower* it to Mul+Add (optional); otherwise *skip*,
 with a reason code (see :data:`bnfold.report.REASONS`). Per-channel Mul/Add/Sub/Div by constants right after a
-producer (the way TensorFlow converters emit BN) fold backward the same way.
+producer (the way TensorFlow converters emit BN) fold backward the same way. Parallel branches summed by an
+Add/Sub/Sum (RepVGG, MobileOne, RepViT, FastViT, RepGhost) are merged into one Conv when that is exact
+(:mod:`bnfold.rules.branch_merge`; ``merge_branches=False`` keeps them).
 
 The plan is computed without changing anything (``inspect``, ``--dry-run``); applying it edits the ModelProto in
 place, touching only the folded nodes and their initializers. :func:`fold_model` applies it to a copy, so the

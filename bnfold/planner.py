@@ -3,7 +3,11 @@
 :func:`plan` visits every BatchNormalization (and, with ``affine_chains``, every Mul/Add/Sub/Div) in graph order,
 main graph first, then every subgraph, and asks the rules (:mod:`bnfold.rules`) what to do with it: fold it
 backward into its producer, else forward into its consumer, else lower it (on request), else skip it with a reason.
-Planning changes nothing; it is what ``inspect`` and ``--dry-run`` show. Rules see the plan so far, so a second BN
+With ``merge_branches``, every Add/Sub/Sum whose
+branches are each affine in one tensor (convs, BNs left standing, identity, per-channel constants) becomes one
+Conv (:mod:`bnfold.rules.branch_merge`): the largest branch conv, which then writes the sum, so a BN after it
+folds into it backward and a later sum can merge it again. Planning changes nothing; it is what ``inspect`` and
+``--dry-run`` show. Rules see the plan so far, so a second BN
 on the same layer (``Conv -> BN -> BN``, ``Conv -> Mul -> Add``, ``BN -> Conv -> BN``) composes with the first in
 float64, and the layer is rounded to its dtype once.
 

@@ -315,3 +315,50 @@ def test_residual_whose_input_is_a_conv_output_is_not_reported():
     model = g.model([g.node("Add", [x, g.conv(h, 8, 4, k=1, name="fc2")], name="add")])
     folded, report = fold_model(model)
     assert not merges(report) and ops(folded) == ops(model)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_branch_sets_merge_exactly_or_are_refused_unchanged(seed):
+    """Random branch sets (kernels 1/3/5, dilation 1/2, centred or shifted pads, dense or depthwise, with or
+    without their own BN, identity as x / BN(x) / c*x, stride 1 or 2, Add chain / Sum / Sub): the fold always
+    matches the original (numbers, checker); every centred set with aligned dilations becomes one Conv."""
+    import onnx
+
+    rng = np.random.default_rng(seed)
+    c, h = 4, 7
+    g = G(seed=100 + seed)
+    x = g.input("x", [2, c, h, h])
+    stride = int(rng.choice([1, 2]))
+    dil = int(rng.choice([1, 2]))
+    aligned = True
+    branches = []
+    for _ in range(int(rng.integers(1, 4))):
+        k = int(rng.choice([1, 3, 5]))
+        d = dil if k > 1 else 1
+        p = (k - 1) * d // 2
+        shift = int(rng.choice([0, 0, 1])) if p else 0
+        aligned &= shift == 0
+        group = int(rng.choice([1, c]))
+        y = g.conv(x, c, c, k=k, group=group, bias=bool(rng.integers(2)), pads=[p + shift] * 2 + [p - shift] * 2,
+                   strides=[stride] * 2, dilations=[d] * 2)
+        branches.append(g.bn(y, c) if rng.integers(2) else y)
+    if stride == 1 and rng.integers(2):
+        kind = int(rng.integers(3))
+        branches.append(x if kind == 0 else g.bn(x, c) if kind == 1 else g.node("Mul", [x, g.const(g.rand(c, 1, 1))]))
+    if len(branches) > 1 and rng.integers(3) == 0:
+        out = g.node("Sum", branches)
+    elif len(branches) > 1 and rng.integers(2):
+        out = g.node("Sub", [branches[0], g.node("Sum", branches[1:]) if len(branches) > 2 else branches[1]])
+    else:
+        out = branches[0]
+        for b in branches[1:]:
+            out = g.node("Add", [out, b])
+    model = g.model([g.node("Relu", [out])])
+    folded, report = fold_model(model)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = random_feeds(model)
+    assert_close(run_ort(folded, feeds)[0], run_ort(model, feeds)[0])
+    if aligned and len(branches) > 1:
+        assert ops(folded) == ["Conv", "Relu"], report.to_dict()
+    assert (ops(folded) == ["Conv", "Relu"]) == (len(branches) == 1 or bool(merges(report))
+                                                 and all(e.status == "folded" for e in merges(report)))
