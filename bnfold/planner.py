@@ -212,8 +212,7 @@ def _plan_bn(ctx: Context, key: NodeKey, options, gname: str) -> Step:
         cons = ", ".join(sorted({mg.graphs[u.graph].nodes[u.node].op_type for u in mg.real_uses(y)
                                  if u.node is not None})) or "a graph output"
         step = skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
-    if x.graph == key.graph:
-        step.standalone = (x, affine)
+    step.standalone = (x, affine)
     return step
 
 

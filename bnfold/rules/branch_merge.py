@@ -356,7 +356,10 @@ def match(ctx: Context, key: NodeKey, form: _Form) -> tuple[Match, list[NodeKey]
         geos_all = geos + [_Geo(None, (1,) * nd, (1,) * nd, (1,) * nd, (0,) * nd, (0,) * nd)]
     else:
         geos_all = list(geos)
-    host_i = max(range(len(geos)), key=lambda i: (geos[i].span(), -i))
+    order = sorted(range(len(geos)), key=lambda i: (-geos[i].span(), i))
+    # the host: the first conv (largest window first) whose window holds every branch's taps
+    host_i = next((i for i in order if all(_fit(geos[i], g, d) is not None for g in geos_all for d in range(nd))),
+                  order[0])
     host = geos[host_i]
     for g in geos_all:
         who = "the identity branch" if g.node is None else mg.label(g.node)

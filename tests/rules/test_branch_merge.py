@@ -362,3 +362,41 @@ def test_random_branch_sets_merge_exactly_or_are_refused_unchanged(seed):
         assert ops(folded) == ["Conv", "Relu"], report.to_dict()
     assert (ops(folded) == ["Conv", "Relu"]) == (len(branches) == 1 or bool(merges(report))
                                                  and all(e.status == "folded" for e in merges(report)))
+
+
+def test_merge_inside_if_branches_with_shadowed_names():
+    """Each If branch holds its own RepVGG block on the outer x, with initializers of the same names: each
+    merges with its own values."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def branch(name, seed):
+        sub = G(seed=seed, prefix=f"{name}_")
+        a = sub.bn(sub.node("Conv", ["x", sub.const(sub.rand(4, 4, 3, 3), name="W3")], pads=[1, 1, 1, 1]), 4)
+        b = sub.bn(sub.node("Conv", ["x", sub.const(sub.rand(4, 4, 1, 1), name="W1")]), 4)
+        out = sub.node("Add", [sub.node("Add", [a, b]), sub.bn("x", 4)], name=f"{name}_add")
+        return helper.make_graph(sub.nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                                 initializer=sub.inits)
+    g = G()
+    g.input("x", [1, 4, 6, 6])
+    cond = g.input("cond", [], dtype=np.float32)
+    b = g.node("Greater", [cond, g.const(np.array(0.0, np.float32))])
+    model = g.model([g.node("If", [b], then_branch=branch("then", 1), else_branch=branch("else", 2))])
+    folded, report = fold_model(model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert count_bn(folded) == 0 and report.branches_merged == 4
+    for attr in folded.graph.node[-1].attribute:
+        assert [n.op_type for n in attr.g.node] == ["Conv"]
+    for c in (1.0, -1.0):
+        feeds = {"x": random_feeds(model)["x"], "cond": np.array(c, np.float32)}
+        assert_close(run_ort(folded, feeds)[0], run_ort(model, feeds)[0])
+
+
+def test_dilated_3x3_inside_a_5x5_merges_into_the_5x5():
+    """A 3x3 with dilation 2 reads taps -2, 0, 2: inside the window of a 5x5 (same span): the 5x5 hosts."""
+    g = G(seed=29)
+    x = g.input("x", [1, 4, 9, 9])
+    a = g.conv(x, 4, 4, k=3, pads=[2, 2, 2, 2], dilations=[2, 2], name="d2")
+    b = g.conv(x, 4, 4, k=5, pads=[2, 2, 2, 2], name="k5")
+    folded, report = assert_folds(g.model([g.node("Add", [a, b], name="add")]))
+    assert ops(folded) == ["Conv"] and merges(report)[0].into == "k5"
