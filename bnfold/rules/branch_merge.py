@@ -20,7 +20,8 @@ merged conv and writes the Add's output, so a BatchNorm after the Add then folds
 
 Refused (nothing changed, reason code in :data:`bnfold.report.REASONS`): ``branch_strides_differ``,
 ``branch_dilations_differ``, ``branch_pads_misaligned``, ``branch_inputs_differ`` (two or more operands are
-convs/BNs of different tensors; a residual ``conv(h) + x`` is not a merge candidate and is not reported),
+convs/BNs of unrelated tensors; a residual ``conv(h) + x`` or ``conv(h) + conv(x)`` with ``h`` computed from ``x``
+is a block with a shortcut, not parallel branches, and is neither merged nor reported),
 ``branch_output_shared``, ``channel_count_mismatch``, and the parameter codes (a conv whose weight is not a
 constant, ...).
 """
@@ -296,9 +297,30 @@ def candidate(ctx: Context, key: NodeKey) -> _Form | None:
     for i in form.idents:
         groups[i.x] = groups.get(i.x, 0) + bool(i.via or i.x in shared)
     structured = [x for x, n in groups.items() if n]
+    branch_inputs = [x for x in structured if x not in shared]
+    if any(a in _ancestors(ctx, b) for a in branch_inputs for b in branch_inputs if a != b):
+        return None  # one branch's input is computed from another's: a block with a projection shortcut
+        # (ResNet's downsample, RepGhost's shortcut), not parallel branches: not a candidate, not reported
     if len(groups) > 1 and len(structured) < 2:
         return None
     return form
+
+
+def _ancestors(ctx: Context, b: Binding, limit: int = 2000) -> set[Binding]:
+    """Tensors (of ``b``'s graph) that ``b`` is computed from, up to ``limit`` of them."""
+    mg = ctx.mg
+    seen: set[Binding] = set()
+    todo = [b]
+    while todo and len(seen) < limit:
+        p = mg.producer(todo.pop())
+        if p is None:
+            continue
+        for name in mg.node(p[0]).input:
+            a = mg.resolve(p[0].graph, name) if name else None
+            if a is not None and a.graph == b.graph and a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def match(ctx: Context, key: NodeKey, form: _Form) -> tuple[Match, list[NodeKey], str]:

@@ -400,3 +400,14 @@ def test_dilated_3x3_inside_a_5x5_merges_into_the_5x5():
     b = g.conv(x, 4, 4, k=5, pads=[2, 2, 2, 2], name="k5")
     folded, report = assert_folds(g.model([g.node("Add", [a, b], name="add")]))
     assert ops(folded) == ["Conv"] and merges(report)[0].into == "k5"
+
+
+def test_projection_shortcut_is_not_a_candidate():
+    """ResNet's downsample block ``bn(conv(h)) + bn(conv(x))`` with ``h`` computed from ``x``: not parallel
+    branches, so not reported (the BNs fold as before)."""
+    g = G(seed=30)
+    x = g.input("x", [2, 4, 6, 6])
+    h = g.node("Relu", [conv_bn(g, x, 4, 8, 3, strides=[2, 2])])
+    model = g.model([g.node("Add", [conv_bn(g, h, 8, 8, 3), conv_bn(g, x, 4, 8, 1, strides=[2, 2])], name="add")])
+    folded, report = assert_folds(model, expect_folded=3)
+    assert not merges(report) and ops(folded).count("Conv") == 3
