@@ -297,12 +297,14 @@ def candidate(ctx: Context, key: NodeKey) -> _Form | None:
     for i in form.idents:
         groups[i.x] = groups.get(i.x, 0) + bool(i.via or i.x in shared)
     structured = [x for x, n in groups.items() if n]
-    branch_inputs = [x for x in structured if x not in shared]
-    if any(a in _ancestors(ctx, b) for a in branch_inputs for b in branch_inputs if a != b):
-        return None  # one branch's input is computed from another's: a block with a projection shortcut
-        # (ResNet's downsample, RepGhost's shortcut), not parallel branches: not a candidate, not reported
     if len(groups) > 1 and len(structured) < 2:
         return None
+    branch_inputs = [x for x in structured if x not in shared]
+    if len(branch_inputs) > 1:
+        up = {b: _ancestors(ctx, b) for b in branch_inputs}
+        if any(a in up[b] for a in branch_inputs for b in branch_inputs if a != b):
+            return None  # one branch's input is computed from another's: a block with a projection shortcut
+            # (ResNet's downsample), not parallel branches: not a candidate, not reported
     return form
 
 
