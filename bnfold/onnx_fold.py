@@ -7,7 +7,9 @@ the producer (Conv, ConvTranspose, Gemm, MatMul[+Add], through Concat per slice,
 MatMul) when BN is the only user of the producer's output; otherwise *forward* into the only consumer (Conv
 without padding, Gemm, MatMul, through Flatten); otherwise *lower* it to Mul+Add (optional); otherwise *skip*,
 with a reason code (see :data:`bnfold.report.REASONS`). Per-channel Mul/Add/Sub/Div by constants right after a
-producer (the way TensorFlow converters emit BN) fold backward the same way.
+producer (the way TensorFlow converters emit BN) fold backward the same way. Parallel branches summed by an
+Add/Sub/Sum (RepVGG, MobileOne, RepViT, FastViT, RepGhost) are merged into one Conv when that is exact
+(:mod:`bnfold.rules.branch_merge`; ``merge_branches=False`` keeps them).
 
 The plan is computed without changing anything (``inspect``, ``--dry-run``); applying it edits the ModelProto in
 place, touching only the folded nodes and their initializers. :func:`fold_model` applies it to a copy, so the
@@ -44,6 +46,7 @@ class FoldOptions:
     forward: bool = True  #: fold into the consumer when the producer cannot take it
     affine_chains: bool = True  #: fold per-channel Mul/Add/Sub/Div by constants after a producer
     lower_standalone: bool = False  #: rewrite a BN with no foldable neighbour as Mul+Add
+    merge_branches: bool = True  #: merge parallel conv/identity/BN branches summed by Add/Sub/Sum into one Conv
 
 
 def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> None:
@@ -73,7 +76,7 @@ def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> 
 
 def _plan_options(options: FoldOptions) -> planner.PlanOptions:
     return planner.PlanOptions(forward=options.forward, affine_chains=options.affine_chains,
-                               lower_standalone=options.lower_standalone)
+                               lower_standalone=options.lower_standalone, merge_branches=options.merge_branches)
 
 
 def plan_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, name: str = "") -> planner.Plan:

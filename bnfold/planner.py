@@ -3,7 +3,11 @@
 :func:`plan` visits every BatchNormalization (and, with ``affine_chains``, every Mul/Add/Sub/Div) in graph order,
 main graph first, then every subgraph, and asks the rules (:mod:`bnfold.rules`) what to do with it: fold it
 backward into its producer, else forward into its consumer, else lower it (on request), else skip it with a reason.
-Planning changes nothing; it is what ``inspect`` and ``--dry-run`` show. Rules see the plan so far, so a second BN
+With ``merge_branches``, every Add/Sub/Sum whose
+branches are each affine in one tensor (convs, BNs left standing, identity, per-channel constants) becomes one
+Conv (:mod:`bnfold.rules.branch_merge`): the largest branch conv, which then writes the sum, so a BN after it
+folds into it backward and a later sum can merge it again. Planning changes nothing; it is what ``inspect`` and
+``--dry-run`` show. Rules see the plan so far, so a second BN
 on the same layer (``Conv -> BN -> BN``, ``Conv -> Mul -> Add``, ``BN -> Conv -> BN``) composes with the first in
 float64, and the layer is rounded to its dtype once.
 
@@ -37,6 +41,7 @@ from bnfold.graph import (
 from bnfold.report import FoldEntry, FoldReport
 from bnfold.rules import (
     affine_chain,
+    branch_merge,
     concat_backward,
     conv_forward,
     gemm_forward,
@@ -58,12 +63,15 @@ class PlanOptions:
     forward: bool = True
     affine_chains: bool = True
     lower_standalone: bool = False
+    merge_branches: bool = True
 
 
 @dataclass
 class Step:
     entry: FoldEntry
     match: Match | None = None
+    #: a BatchNorm left in place: (its input, its affine map), which a branch merge may still take in
+    standalone: tuple | None = None
 
 
 @dataclass
@@ -98,12 +106,16 @@ def plan(model: onnx.ModelProto, options=None) -> Plan:
                 continue
             if node.op_type == "BatchNormalization":
                 step = _plan_bn(ctx, key, options, gname)
-            elif node.op_type in affine_chain.OPS and options.affine_chains:
-                step = _plan_affine(ctx, key, gname)
+            else:
+                step = None
+                if node.op_type in affine_chain.OPS and options.affine_chains:
+                    step = _plan_affine(ctx, key, gname)
+                if step is None and node.op_type in branch_merge.OPS and options.merge_branches:
+                    step = _plan_merge(ctx, key, gname, result, src_layers)
                 if step is None:
                     continue
-            else:
-                continue
+            if step.standalone is not None:
+                ctx.standalone[key] = (*step.standalone, len(result.steps))
             step.entry.layer = src_layers.get(node.output[0]) if node.output else None
             if step.match is not None and step.match.into_node is not None:
                 into = mg.node(step.match.into_node)
@@ -130,6 +142,8 @@ def _commit(ctx: Context, match: Match) -> None:
         if a.attrs:
             ctx.attrs.setdefault(a.node, {}).update(a.attrs)
     ctx.removed.update(match.remove)
+    for key, slot, name in match.set_input:
+        ctx.inputs[(key, slot)] = name
     if match.produced is not None:
         ctx.producers[match.produced[0]] = match.produced[1]
 
@@ -191,12 +205,15 @@ def _plan_bn(ctx: Context, key: NodeKey, options, gname: str) -> Step:
                               graph=gname), m)
     informative = [s for s in tried if s.applicable]
     if informative:
-        return skip(informative[0].code, informative[0].message)
-    p = mg.producer(x)
-    prod = mg.node(p[0]).op_type if p is not None else "a graph input"
-    cons = ", ".join(sorted({mg.graphs[u.graph].nodes[u.node].op_type for u in mg.real_uses(y)
-                             if u.node is not None})) or "a graph output"
-    return skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
+        step = skip(informative[0].code, informative[0].message)
+    else:
+        p = mg.producer(x)
+        prod = mg.node(p[0]).op_type if p is not None else "a graph input"
+        cons = ", ".join(sorted({mg.graphs[u.graph].nodes[u.node].op_type for u in mg.real_uses(y)
+                                 if u.node is not None})) or "a graph output"
+        step = skip("no_foldable_neighbour", f"produced by {prod} and consumed by {cons}; neither can absorb it")
+    step.standalone = (x, affine)
+    return step
 
 
 def _plan_affine(ctx: Context, key: NodeKey, gname: str) -> Step | None:
@@ -216,6 +233,37 @@ def _plan_affine(ctx: Context, key: NodeKey, gname: str) -> Step | None:
                           message=f"per-channel {op} by a constant folded into {m.into}", op=op, graph=gname), m)
 
 
+def _plan_merge(ctx: Context, key: NodeKey, gname: str, result: Plan, src_layers: dict) -> Step | None:
+    """An Add/Sub/Sum of branches that are each affine in one tensor: merged into one Conv, or refused (an
+    entry either way), or not a merge candidate (None: left alone, not reported)."""
+    form = branch_merge.candidate(ctx, key)
+    if form is None:
+        return None
+    mg = ctx.mg
+    label, op = mg.label(key), mg.node(key).op_type
+    try:
+        m, bns, message = branch_merge.match(ctx, key, form)
+        _commit(ctx, m)
+    except Skip as s:
+        if not s.applicable:
+            return None
+        return Step(FoldEntry(bn=label, status="skipped", reason=s.code, message=s.message, op=op, graph=gname,
+                              direction="merged"))
+    for r in m.remove:  # convs merged away: their planned parameters are not written
+        for slot in (1, 2):
+            ctx.params.pop((r, slot), None)
+        ctx.attrs.pop(r, None)
+    host_out = mg.node(m.into_node).output[0]
+    for bn in bns:
+        _, _, idx = ctx.standalone.pop(bn)
+        e = result.steps[idx].entry
+        e.status, e.reason, e.direction, e.into = "folded", None, "merged", m.into
+        e.into_layer = src_layers.get(host_out)
+        e.message = f"identity branch merged (by {label}) into {m.into}"
+    return Step(FoldEntry(bn=label, status="folded", into=m.into, direction="merged", message=message, op=op,
+                          graph=gname), m)
+
+
 def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, channel_axis: int) -> Match:
     mg = ctx.mg
     if x.graph != site.graph:
@@ -232,9 +280,9 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
         raise Skip("producer_output_shared", f"the output of {mg.label(pkey)} is also used elsewhere (or is a graph "
                    "output); folding would change what the other users see")
     if pnode.op_type == "Concat":
-        return concat_backward.match(ctx, pkey, site, x, y, affine, mg.rank(x))
+        return concat_backward.match(ctx, pkey, site, x, y, affine, mg.rank(x), out_slot=pslot)
     if pnode.op_type in reshape_backward.OPS:
-        return reshape_backward.match(ctx, pkey, site, x, y, affine)
+        return reshape_backward.match(ctx, pkey, site, x, y, affine, out_slot=pslot)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
     absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
     rule = layers.module_for(ctx, pkey).__name__.rsplit(".", 1)[-1]

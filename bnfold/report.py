@@ -13,7 +13,10 @@ from typing import Literal
 Status = Literal["folded", "skipped"]
 #: Entries whose ``op`` is one of these are per-channel affine ops folded like a BN, not BatchNorms.
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
-Direction = Literal["backward", "forward", "lowered"]
+#: Entries whose ``op`` is one of these and whose direction is ``merged`` are branch merges: an Add/Sub/Sum of
+#: parallel branches made one Conv (``folded``), or refused (``skipped``, with a reason).
+MERGE_OPS = ("Add", "Sub", "Sum")
+Direction = Literal["backward", "forward", "lowered", "merged"]
 
 #: Every skip reason code, with what it means. Codes are stable across releases.
 REASONS: dict[str, str] = {
@@ -30,6 +33,14 @@ REASONS: dict[str, str] = {
     "consumer_output_shared": "the BatchNorm output has several consumers or is a graph output",
     "unknown_rank": "the rank of the tensor is unknown, so the channel axis cannot be checked",
     "cast_overflow": "a folded value overflows the model's dtype",
+    # branch merge (an Add/Sub/Sum of parallel branches that each read the same tensor)
+    "branch_strides_differ": "the branches have different strides (or an identity branch meets a strided conv): "
+                             "their sum is not one convolution",
+    "branch_dilations_differ": "a branch's dilation places its taps off the largest branch's window",
+    "branch_pads_misaligned": "the branches' pads do not align their windows (shifted taps, different output sizes, "
+                              "or auto_pad SAME whose pads depend on the input size)",
+    "branch_inputs_differ": "two or more branches are convolutions/BatchNorms of different tensors",
+    "branch_output_shared": "a branch's output is also read elsewhere (another node or a graph output)",
     "unsupported_dtype": "the tensors have a dtype that cannot be folded (not floating point)",
     "inside_function": "the BatchNormalization lives in a model-local function, which bnfold does not rewrite",
     "overridable_initializer": "a parameter is an initializer that is also a graph input: the caller may override "
@@ -84,7 +95,10 @@ class FoldReport:
     extra: dict = field(default_factory=dict)
 
     def _bn(self):
-        return [e for e in self.entries if e.op not in AFFINE_OPS]
+        return [e for e in self.entries if e.op not in AFFINE_OPS + MERGE_OPS]
+
+    def _merges(self):
+        return [e for e in self.entries if e.op in MERGE_OPS and e.direction == "merged"]
 
     @property
     def bn_total(self) -> int:
@@ -100,7 +114,16 @@ class FoldReport:
 
     @property
     def affine_folded(self) -> int:
-        return sum(e.status == "folded" for e in self.entries if e.op in AFFINE_OPS)
+        return sum(e.status == "folded" and e.direction != "merged" for e in self.entries if e.op in AFFINE_OPS)
+
+    @property
+    def branches_merged(self) -> int:
+        """Add/Sub/Sum nodes whose branches were merged into one Conv."""
+        return sum(e.status == "folded" for e in self._merges())
+
+    @property
+    def merges_refused(self) -> int:
+        return sum(e.status == "skipped" for e in self._merges())
 
     def to_dict(self) -> dict:
         return {
@@ -110,6 +133,8 @@ class FoldReport:
             "folded": self.folded,
             "skipped": self.skipped,
             "affine_folded": self.affine_folded,
+            "branches_merged": self.branches_merged,
+            "merges_refused": self.merges_refused,
             "entries": [e.to_dict() for e in self.entries],
             **self.extra,
         }
@@ -121,4 +146,8 @@ class FoldReport:
         s = f"{self.folded}/{self.bn_total} BatchNorm folded, {self.skipped} skipped"
         if self.affine_folded:
             s += f", {self.affine_folded} per-channel affine op(s) folded"
+        if self.branches_merged:
+            s += f", {self.branches_merged} branch sum(s) merged into one Conv"
+            if self.merges_refused:
+                s += f" ({self.merges_refused} refused)"
         return s

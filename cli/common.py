@@ -112,6 +112,9 @@ def fold_options(f):
     f = click.option("--lower-standalone", is_flag=True,
                      help="Rewrite a BatchNorm with no foldable neighbour as Mul+Add.")(f)
     f = click.option("--no-forward", is_flag=True, help="Never fold a BatchNorm into its consumer.")(f)
+    f = click.option("--no-merge", is_flag=True,
+                     help="Keep parallel branches (conv/BN/identity summed by Add/Sub/Sum) instead of merging them "
+                          "into one Conv.")(f)
     f = click.option("--no-affine", is_flag=True,
                      help="Leave per-channel Mul/Add/Sub/Div-by-constant ops after conv/linear layers alone.")(f)
     return f

@@ -51,8 +51,9 @@ def layout_option(f):
                              "(nhwc). Data that fits the model only after a transpose is refused.")(f)
 
 
-def _options(lower_standalone: bool, no_forward: bool, no_affine: bool) -> FoldOptions:
-    return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone)
+def _options(lower_standalone: bool, no_forward: bool, no_affine: bool, no_merge: bool = False) -> FoldOptions:
+    return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone,
+                       merge_branches=not no_merge)
 
 
 def _is_onnx(model: str) -> bool:

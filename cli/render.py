@@ -6,7 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.outputs import printable
-from bnfold.report import AFFINE_OPS, FoldReport
+from bnfold.report import AFFINE_OPS, MERGE_OPS, FoldReport
 
 
 def cell(value, style: str | None = None) -> Text:
@@ -24,7 +24,7 @@ def report_table(report: FoldReport, title: str) -> Table:
     for e in report.entries:
         name = e.layer or e.bn
         name = f"{e.graph}/{name}" if e.graph else name
-        if e.op in AFFINE_OPS:
+        if e.op in AFFINE_OPS + MERGE_OPS:
             name += f" ({e.op})"
         if e.status == "folded":
             table.add_row(cell(name), cell(f"{e.direction} → {e.into_layer or e.into}", "green"), "", "")

@@ -147,3 +147,23 @@ def test_internal_errors_exit_3(model_path, tmp_path, monkeypatch):
     monkeypatch.setattr("bnfold.cli.main.fold_onnx_file", boom)
     r = run("fold", model_path, "-o", tmp_path / "f.onnx")
     assert r.exit_code == 3 and "internal error" in r.output and "simulated bug" in r.output
+
+
+def test_fold_merges_branches_by_default_and_no_merge_keeps_them(tmp_path):
+    g = G(seed=1)
+    x = g.input("x", [1, 4, 6, 6])
+    a = g.bn(g.conv(x, 4, 4, pads=[1, 1, 1, 1], bias=False, name="c3"), 4)
+    b = g.bn(g.conv(x, 4, 4, k=1, bias=False, name="c1"), 4)
+    y = g.node("Add", [g.node("Add", [a, b], name="add1"), g.bn(x, 4, name="bn_id")], name="add2")
+    src = tmp_path / "repvgg.onnx"
+    onnx.save(g.model([y]), src)
+    merged, kept = tmp_path / "merged.onnx", tmp_path / "kept.onnx"
+    r = run("fold", src, "-o", merged, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["branches_merged"] == 2
+    assert [n.op_type for n in onnx.load(merged).graph.node] == ["Conv"]
+    r = run("fold", src, "-o", kept, "--no-merge", "-q")
+    assert r.exit_code == 0, r.output
+    assert count_bn(onnx.load(kept)) == 1 and [n.op_type for n in onnx.load(kept).graph.node].count("Conv") == 2
+    r = run("inspect", src)
+    assert r.exit_code == 0 and "merged" in r.output and "2 branch sum(s) merged" in r.output

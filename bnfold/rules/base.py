@@ -129,6 +129,11 @@ class Context:
         self.removed: set[NodeKey] = set()
         self.producers: dict[Binding, tuple[NodeKey, int]] = {}
         self.bias_add_names: dict[NodeKey, tuple[str, str]] = {}
+        #: inputs rewired by the plan so far (a BN folded forward makes its consumer read the BN's input)
+        self.inputs: dict[tuple[NodeKey, int], str] = {}
+        #: BatchNorms left in place (no neighbour could absorb them): node -> (input, affine, step index), for
+        #: the branch merge, which may take them in as an identity branch
+        self.standalone: dict[NodeKey, tuple[Binding, formula.Affine, int]] = {}
 
     # ------------------------------------------------------------------ graph, as changed by the plan so far
     def producer(self, b: Binding) -> tuple[NodeKey, int] | None:
@@ -148,6 +153,13 @@ class Context:
 
     def op(self, key: NodeKey) -> str:
         return self.mg.node(key).op_type
+
+    def input(self, key: NodeKey, slot: int) -> Binding | None:
+        """The tensor input ``slot`` of ``key`` reads, as rewired by the plan so far."""
+        name = self.inputs.get((key, slot))
+        if name is None:
+            return self.mg.input_binding(key, slot)
+        return self.mg.resolve(key.graph, name)
 
     # ------------------------------------------------------------------ parameters
     def const(self, b: Binding | None):

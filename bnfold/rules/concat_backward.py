@@ -16,7 +16,8 @@ NAME = "concat_backward"
 
 
 def match(ctx: Context, concat: NodeKey, site: NodeKey, x: Binding, y: Binding, affine: formula.Affine,
-          rank: int | None) -> Match:
+          rank: int | None, *, out_slot: int) -> Match:
+    """``out_slot``: the Concat output ``x`` is, as planned so far (a BN before this one may have renamed it)."""
     mg = ctx.mg
     label = mg.label(concat)
     axis = int(ctx.attr(concat, "axis", 1))
@@ -49,6 +50,5 @@ def match(ctx: Context, concat: NodeKey, site: NodeKey, x: Binding, y: Binding, 
         got, into = layers.absorb_backward(ctx, key, sub, channel_axis=1, rank=r)
         absorbs += got
         intos.append(into)
-    out_slot = list(mg.node(concat).output).index(x.name)
     return Match(NAME, "backward", "+".join(intos), parts[0][0], absorbs=absorbs, remove=[site],
                  set_output=[(concat, out_slot, y.name)], redirect_dtype=(x, y.name), produced=(y, (concat, out_slot)))

@@ -89,7 +89,7 @@ def absorb(ctx: Context, key: NodeKey, affine: formula.Affine, *, channel_axis: 
     if len(w.shape) != 2:
         raise Skip("channel_axis_mismatch", f"{mlabel} weight is {len(w.shape)}-D; only a 2-D weight has one "
                    "feature axis")
-    if not feature_last:
+    if not feature_last and affine.channels != 1:  # a 1-channel BN is a scalar map: any axis will do
         if rank is None:
             raise Skip("unknown_rank", f"the rank of {mlabel}'s output is unknown; the channel axis cannot be checked")
         if channel_axis != rank - 1:

@@ -6,7 +6,9 @@ Exact when every element keeps its feature index: a Reshape whose constant targe
 feature count N (written out, not -1 or 0) keeps the feature axis last (row-major reshaping of a tensor whose
 last axis is N into one whose last axis is N leaves each element's feature index unchanged), and then either the
 Reshape's output is 2-D (the BN channel axis 1 is that last axis) or a Transpose with ``perm[1] == rank - 1``
-moves that last axis to the BN channel axis.
+moves that last axis to the BN channel axis. Without a Transpose, a target ``(rows, N, 1, ..., 1)`` (trailing
+ones: ONNX Runtime's FuseMatmulBNWithOnlyReshape case) also keeps the feature on axis 1: the flat index
+``row * N + feature`` is the same in both shapes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def _step(ctx: Context, key: NodeKey) -> NodeKey:
     return p[0]
 
 
-def match(ctx: Context, first: NodeKey, site: NodeKey, x: Binding, y: Binding, affine: formula.Affine) -> Match:
+def match(ctx: Context, first: NodeKey, site: NodeKey, x: Binding, y: Binding, affine: formula.Affine, *,
+          out_slot: int) -> Match:
+    """``out_slot``: the output of ``first`` that ``x`` is, as planned so far (a BN before this one may have
+    renamed it)."""
     mg = ctx.mg
     transpose = reshape = None
     shape: list[int] = []
@@ -57,10 +62,11 @@ def match(ctx: Context, first: NodeKey, site: NodeKey, x: Binding, y: Binding, a
     if layers.module_for(ctx, key) is not matmul_backward:
         raise Skip("no_foldable_neighbour", f"{mg.label(first)} does not carry a MatMul output", applicable=False)
     n = layers.out_channels(ctx, key)
-    if reshape is not None and (shape[-1] != n or (transpose is None and len(shape) != 2)):
+    # (rows, N) or (rows, N, 1, ...) without a Transpose: axis 1 holds the feature; with one: N last, moved to 1
+    feature_on_1 = len(shape) >= 2 and shape[1] == n and all(d == 1 for d in shape[2:])
+    if reshape is not None and not (feature_on_1 if transpose is None else shape[-1] == n):
         raise Skip("channel_axis_mismatch", f"{mg.label(reshape)} reshapes to {shape}: the MatMul's {n} features "
                    "are not the BatchNorm channel axis")
     absorbs, into = layers.absorb_backward(ctx, key, affine, channel_axis=None, rank=None, feature_last=True)
-    out_slot = list(mg.node(first).output).index(x.name)
     return Match(NAME, "backward", into, key, absorbs=absorbs, remove=[site], set_output=[(first, out_slot, y.name)],
                  redirect_dtype=(x, y.name), produced=(y, (first, out_slot)))

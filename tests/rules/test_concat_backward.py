@@ -30,3 +30,18 @@ def test_an_input_used_elsewhere_is_skipped():
 
 def test_an_input_from_a_non_layer_is_skipped():
     assert_skip_unchanged(_model(relu=True), "no_foldable_neighbour")
+
+
+def test_two_bns_in_a_row_after_concat_compose():
+    """Issue 19: the second BN looked up the Concat's output by the name the first BN only renamed in the plan
+    (ValueError: 'b1' is not in list, exit 3) in fold and inspect."""
+    from bnfold import inspect_model
+
+    g = G(seed=21)
+    x = g.input("x", [2, 3, 6, 6])
+    cat = g.node("Concat", [g.conv(x, 3, 2, k=1, name="a"), g.conv(x, 3, 3, k=1, name="b")], name="cat", axis=1)
+    model = g.model([g.bn(g.bn(cat, 5, name="bn1"), 5, name="bn2")])
+    assert [e.status for e in inspect_model(model).entries] == ["folded", "folded"]
+    folded, report = assert_folds(model, expect_folded=2)
+    assert [e.into for e in report.entries] == ["a+b", "a+b"]
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv", "Concat"]

@@ -35,3 +35,17 @@ def test_3d_output_is_channel_axis_mismatch():
     x = g.input("x", [2, 6, 4])
     y = g.node("MatMul", [x, g.const(g.rand(4, 6))], name="mm")
     assert_skip_unchanged(g.model([g.bn(y, 6)]), "channel_axis_mismatch")
+
+
+def test_one_channel_bn_after_3d_matmul_folds_whatever_the_axis():
+    """A 1-channel BN is a scalar affine map: the channel axis does not matter (torch's fuse_linear_bn_eval)."""
+    g = G(seed=14)
+    x = g.input("x", [2, 1, 4])
+    y = g.node("MatMul", [x, g.const(g.rand(4, 6))], name="mm")
+    folded, report = assert_folds(g.model([g.bn(y, 1)]), expect_folded=1)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]
+    g = G(seed=15)
+    x = g.input("x", [2, 1, 4])
+    y = g.node("Add", [g.node("MatMul", [x, g.const(g.rand(4, 6))], name="mm"), g.const(g.rand(6))], name="b")
+    folded, _ = assert_folds(g.model([g.bn(y, 1)]), expect_folded=1)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]

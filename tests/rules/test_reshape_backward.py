@@ -54,3 +54,41 @@ def test_folds_through_reshape_then_transpose():
 
 def test_transpose_that_does_not_bring_the_features_to_axis_1_is_skipped():
     assert_skip_unchanged(_transposed([2, 1, 0]), "channel_axis_mismatch")
+
+
+def test_two_bns_in_a_row_after_reshape_and_after_transpose_compose():
+    """Issue 19: BN -> BN after a Reshape or a Transpose crashed (ValueError: 'b1' is not in list)."""
+    from bnfold import inspect_model
+
+    for build in (lambda g, y: g.node("Reshape", [y, g.const(np.array([-1, 6], np.int64))], name="flat"),
+                  lambda g, y: g.node("Transpose", [y], name="t", perm=[0, 2, 1])):
+        g = G(seed=24)
+        x = g.input("x", [2, 3, 4])
+        y = build(g, g.node("MatMul", [x, g.const(g.rand(4, 6))], name="mm"))
+        model = g.model([g.node("Relu", [g.bn(g.bn(y, 6, name="bn1"), 6, name="bn2")])])
+        assert [e.status for e in inspect_model(model).entries] == ["folded", "folded"]
+        folded, _ = assert_folds(model, expect_folded=2)
+        assert [n.op_type for n in folded.graph.node][:2] == ["MatMul", "Add"]
+
+
+def _trailing_ones(shape, channels=8):
+    """ONNX Runtime's FuseMatmulBNWithOnlyReshape case: MatMul(X[N,16], W[16,8]) -> Reshape [N,8,1,1] -> BN(8)."""
+    g = G(seed=25)
+    x = g.input("x", [3, 16])
+    y = g.node("MatMul", [x, g.const(g.rand(16, 8))], name="mm")
+    r = g.node("Reshape", [y, g.const(np.array(shape, np.int64))], name="r")
+    return g.model([g.node("Relu", [g.bn(r, channels, name="bn")])])
+
+
+def test_reshape_to_trailing_ones_folds():
+    for shape in ([3, 8, 1, 1], [-1, 8, 1], [0, 8, 1, 1, 1]):
+        folded, report = assert_folds(_trailing_ones(shape), expect_folded=1)
+        assert report.entries[0].into.startswith("mm")
+        assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "Reshape", "Relu"]
+
+
+def test_reshape_that_splits_the_features_is_skipped():
+    # [3, 4, 2, 1]: axis 1 holds feature // 2, not the feature
+    assert_skip_unchanged(_trailing_ones([3, 4, 2, 1], channels=4), "channel_axis_mismatch")
+
+
