@@ -578,7 +578,8 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
 
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
-              batches, threads, json_mode, extra=None, min_effect=0.02):
+              batches, threads, json_mode, extra=None, min_effect=0.02, dtype=None, io_dtype=False,
+              strict_range=False):
     from bnfold.pipeline import RunOptions, run_pipeline
 
     con = out_console(json_mode)
@@ -587,7 +588,8 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
     def step(msg):
         if not quiet:
             con.print(styled(f"- {msg}", "dim"))
-    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect)
+    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect, dtype=dtype,
+                         io_dtype=io_dtype, strict_range=strict_range)
     report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                           calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
     from bnfold.pipeline import run_verdict
@@ -613,12 +615,13 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")
+@precision_options
 @torch_model_options
 @layout_option
 @json_option
 @common_options
 def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, input_shape, opset, layout,
-        trust_pickle, json_mode):
+        trust_pickle, json_mode, dtype, io_dtype, strict_range):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -628,6 +631,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     """
     from bnfold.pipeline import FILES, prepare_run
 
+    _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
     plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
@@ -635,7 +639,8 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
                     trust_pickle=trust_pickle, layout=layout)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
-                       threads=threads, json_mode=json_mode, min_effect=min_effect))
+                       threads=threads, json_mode=json_mode, min_effect=min_effect, dtype=dtype,
+                       io_dtype=io_dtype, strict_range=strict_range))
 
 
 @main.command()
