@@ -338,6 +338,14 @@ def latency(keep: dict, ep: str, iters: int, out: Path) -> None:
     (out / "precision_latency.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def write(args, rows: list[dict]) -> None:
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "samples": args.samples}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"precision{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"precision{args.tag}.md").write_text(markdown(rows, meta))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="zoo,tv", help="zoo, tv, or names (comma-separated)")
@@ -372,11 +380,8 @@ def main(argv=None) -> int:
             c = row["candidates"]
             print(f"{name} ({bn}): bnfold fp16 {fmt(c['bnfold_fp16'])}, occ fp16 {fmt(c['occ_fp16_unfolded'])}, "
                   f"{row['verdict']} [{row['seconds']} s]", flush=True)
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
-            "torch": torch.__version__, "python": platform.python_version(), "samples": args.samples}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"precision{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / f"precision{args.tag}.md").write_text(markdown(rows, meta))
+            write(args, rows)  # after every model: an interrupted run keeps what it measured
+    write(args, rows)
     if keep is not None:
         latency(keep, args.ep, args.iters, args.out)
     return 0

@@ -318,6 +318,21 @@ def fingerprint(arr: np.ndarray) -> tuple:
     return a.dtype.str, a.shape, hashlib.sha1(a.tobytes()).hexdigest()
 
 
+#: samples per run when measuring activations (every tensor of the model is an output then: memory)
+_BATCH = 4
+
+
+def _random_batches(model: onnx.ModelProto, shapes: dict | None, n: int, seed: int) -> list[dict]:
+    """``n`` random normal samples (one seed), in runs of at most ``_BATCH``; a fixed batch dimension is kept."""
+    full = _random_feeds(model, shapes, n, seed)
+    if not full:
+        return [full]
+    lead = {len(v) if np.ndim(v) else 0 for v in full.values()}
+    if lead != {n} or n <= _BATCH:
+        return [full]
+    return [{k: v[i:i + _BATCH] for k, v in full.items()} for i in range(0, n, _BATCH)]
+
+
 def _random_feeds(model: onnx.ModelProto, shapes: dict | None, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
@@ -346,6 +361,10 @@ def _random_feeds(model: onnx.ModelProto, shapes: dict | None, n: int, seed: int
     return feeds
 
 
+def _count(feeds: list[dict]) -> int:
+    return sum(len(next(iter(f.values()))) if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)
+
+
 def _data_feeds(model: onnx.ModelProto, data, limit: int) -> list[dict]:
     inits = {t.name for t in model.graph.initializer}
     names = [vi.name for vi in model.graph.input if vi.name not in inits]
@@ -357,7 +376,7 @@ def _data_feeds(model: onnx.ModelProto, data, limit: int) -> list[dict]:
     else:
         raise BnfoldError(f"--data has arrays {sorted(arrays)} but the model's inputs are {names}")
     n = min(limit, min(len(a) for a in picked.values()))
-    return [{k: v[i:i + 8] for k, v in picked.items()} for i in range(0, n, 8)]
+    return [{k: v[i:i + _BATCH] for k, v in picked.items()} for i in range(0, n, _BATCH)]
 
 
 def measure_activations(model: onnx.ModelProto, feeds: list[dict]) -> tuple[dict[str, float], list[str]]:
@@ -458,11 +477,11 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
 
     # --- 2. activations of the folded model, in fp32
     if options.data is not None:
-        source = f"data ({getattr(options.data, 'name', 'given arrays')})"
         feeds = _data_feeds(probe, options.data, options.max_samples)
+        source = f"data ({getattr(options.data, 'name', 'given arrays')}, {_count(feeds)} samples)"
     else:
-        source = f"random normal inputs ({options.samples} samples, seed {options.seed}; no --data given)"
-        feeds = [_random_feeds(probe, options.input_shapes, options.samples, options.seed)]
+        feeds = _random_batches(probe, options.input_shapes, options.samples, options.seed)
+        source = f"random normal inputs ({_count(feeds)} samples, seed {options.seed}; no --data given)"
     acts, _ = measure_activations(probe, feeds)
     limit = tgt.max_finite / options.headroom
 
