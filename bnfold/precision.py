@@ -376,7 +376,15 @@ def _data_feeds(model: onnx.ModelProto, data, limit: int) -> list[dict]:
     else:
         raise BnfoldError(f"--data has arrays {sorted(arrays)} but the model's inputs are {names}")
     n = min(limit, min(len(a) for a in picked.values()))
-    return [{k: v[i:i + _BATCH] for k, v in picked.items()} for i in range(0, n, _BATCH)]
+    step = _BATCH
+    vi = next(v for v in model.graph.input if v.name == names[0])
+    dims = vi.type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:  # a fixed batch: runs of exactly it
+        step = dims[0].dim_value
+        if n < step:
+            raise BnfoldError(f"--data has {n} samples but the model's batch is fixed at {step}")
+        n -= n % step
+    return [{k: v[i:i + step] for k, v in picked.items()} for i in range(0, n, step)]
 
 
 def measure_activations(model: onnx.ModelProto, feeds: list[dict]) -> tuple[dict[str, float], list[str]]:

@@ -455,3 +455,18 @@ def test_cli_export_dtype(tmp_path):
     assert_valid(m)
     assert any(t.data_type == F16 for t in m.graph.initializer)
     assert json.loads(r.stdout)["precision"]["dtype"] == "fp16"
+
+
+def test_activations_are_measured_on_the_given_data():
+    model, *_ = conv_bn_model()
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    prec = report.extra["precision"]
+    assert prec["activations_from"].startswith("random normal inputs") and not prec["kept_fp32"]
+    from bnfold.data import Dataset
+    big = Dataset({"x": np.random.default_rng(0).standard_normal((6, 3, 6, 6)).astype(np.float32) * 1e5}, None, "big")
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16", data=big))
+    prec = report.extra["precision"]
+    assert prec["activations_from"] == "data (big, 6 samples)"  # 3 runs of the fixed batch 2
+    assert {x["reason"] for x in prec["kept_fp32"]} == {"fp16_activation_overflow"}
+    assert prec["activations"]["x"] > 1e5
+    assert_valid(out)
