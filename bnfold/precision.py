@@ -529,6 +529,22 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
                 msg = f"ONNX Runtime's CPU or CUDA provider cannot run {node.op_type} in {tgt.name}"
             modes[key] = ("keep" if reason else "low", reason)
             layers.append(_layer_row(mg, g.index, node, floats_in, floats_out, tensors, acts, tgt, reason, msg))
+    # a constant is made in the target only when every reader takes it so (Resize's scales stay fp32: exact)
+    rows = {(r.graph, r.node): r for r in layers}
+    for g in mg.graphs:
+        for i, node in enumerate(g.nodes):
+            if node.op_type not in ("Constant", "ConstantOfShape") or modes[(g.index, i)][0] != "low" \
+                    or not node.output:
+                continue
+            for u in mg.uses.get(Binding(g.index, node.output[0]), ()):
+                reader = mg.graphs[u.graph].nodes[u.node] if u.node is not None else None
+                rmode = modes.get((u.graph, u.node), ("keep",))[0] if reader is not None else "keep"
+                if rmode != "low" or _expect_dtype(reader, u.slot, "low", tgt) != tgt.elem:
+                    modes[(g.index, i)] = ("keep", None)
+                    r = rows.get((mg.graph_name(g.index), _label(node)))
+                    if r is not None:
+                        r.runs_in, r.message = "fp32", "a reader takes it in fp32: kept exact"
+                    break
 
     report = PrecisionReport(tgt.name, tgt.name if options.io_dtype else "fp32", tgt.max_finite,
                              tgt.smallest_normal, options.headroom, source, layers,
@@ -549,7 +565,7 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
 
 
 def _layer_row(mg, gi, node, floats_in, floats_out, tensors, acts, tgt, reason, msg) -> LayerRange:
-    lr = LayerRange(node.name or f"{node.op_type}@{node.output[0] if node.output else '?'}", node.op_type,
+    lr = LayerRange(_label(node), node.op_type,
                     mg.graph_name(gi), "fp32" if reason else tgt.name, reason, msg)
     for s, n in floats_in:
         b = mg.resolve(gi, n)
@@ -662,6 +678,20 @@ def _check_runs(model: onnx.ModelProto, feed: dict) -> list[str]:
 
 
 # ================================================================================================ rewriting
+def _expect_dtype(node, slot: int, mode: str, tgt: Target) -> int | None:
+    """The dtype a float input must have for ``node`` running in ``mode``; None: any (left as it is)."""
+    op = node.op_type if is_default_domain(node) else None
+    if op in ("Cast", "Shape", "Size"):
+        return None
+    if (op == "Resize" and slot in (1, 2)) or (op == "Upsample" and slot == 1):
+        return FLOAT  # roi/scales: float32 whatever the data's dtype
+    return tgt.elem if mode == "low" else FLOAT
+
+
+def _label(node) -> str:
+    return node.name or f"{node.op_type}@{node.output[0] if node.output else '?'}"
+
+
 class _Scope:
     """Dtypes of the tensors a graph binds (float ones only), and graph outputs renamed inside it."""
 
@@ -690,13 +720,7 @@ class _Converter:
         self._graph(self.mg.graphs[0], None)
 
     def _expect(self, node, slot: int, mode: str) -> int | None:
-        """The dtype a float input must have for ``node`` running in ``mode``; None: any (left as it is)."""
-        op = node.op_type if is_default_domain(node) else None
-        if op in ("Cast", "Shape", "Size"):
-            return None
-        if (op == "Resize" and slot in (1, 2)) or (op == "Upsample" and slot == 1):
-            return FLOAT  # roi/scales: float32 whatever the data's dtype
-        return self.t.elem if mode == "low" else FLOAT
+        return _expect_dtype(node, slot, mode, self.t)
 
     def _store_low(self, gi: int, name: str) -> bool:
         """Whether initializer ``name`` of graph ``gi`` is stored in the target: it fits, and every reader runs

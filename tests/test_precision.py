@@ -470,3 +470,29 @@ def test_activations_are_measured_on_the_given_data():
     assert {x["reason"] for x in prec["kept_fp32"]} == {"fp16_activation_overflow"}
     assert prec["activations"]["x"] > 1e5
     assert_valid(out)
+
+
+def test_resize_scales_stay_exact_fp32():
+    g = G(seed=6)
+    x = g.input("x", [1, 3, 6, 6])
+    y = g.node("Conv", [x, g.const(g.rand(4, 3, 1, 1), "W")], name="conv")
+    y = g.bn(y, 4, name="bn")
+    scales = np.float32([1, 1, 1.3333334, 1.3333334])  # fp16 would round 1.3333334 to 1.333: another size
+    g.nodes.append(helper.make_node("Constant", [], ["scales"], name="scales",
+                                    value=numpy_helper.from_array(scales)))
+    g.inits.append(numpy_helper.from_array(np.float32([1, 1, 1.6666666, 1.6666666]), "scales2"))
+    y = g.node("Resize", [y, "", "scales"], name="resize", mode="nearest")
+    y = g.node("Resize", [y, "", "scales2"], name="resize2", mode="nearest")
+    model = g.model([y])
+    out, _ = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    k = next(n for n in out.graph.node if n.op_type == "Constant")
+    assert np.array_equal(numpy_helper.to_array(k.attribute[0].t), scales)
+    assert inits(out)["scales2"].data_type == TensorProto.FLOAT
+    for n in out.graph.node:
+        if n.op_type == "Resize":
+            assert n.input[2] in ("scales", "scales2")
+    assert_valid(out)
+    f = random_feeds(model)
+    got, ref = run_ort(out, f)[0], run_ort(model, f)[0]
+    assert got.shape == ref.shape
+    close_fp16(got, ref)
