@@ -16,24 +16,35 @@ from bnfold.report import FoldReport
 log = logging.getLogger(__name__)
 
 
-def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = None) -> FoldReport:
-    """What folding ``path`` would do to each BatchNorm; writes nothing."""
+def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = None, *, precision=None) -> FoldReport:
+    """What folding ``path`` would do to each BatchNorm; writes nothing. With ``precision``
+    (:class:`bnfold.precision.PrecisionOptions`) the fold is carried out in memory and the report holds the
+    range certificate (``extra["precision"]``)."""
     loaded = load_model(path)
+    if precision is not None:
+        from bnfold.precision import fold_to_dtype
+        report = fold_to_dtype(loaded.model, options, precision, name=str(path), inplace=True, source_path=path)[1]
+        report.dry_run = True
+        return report
     return fold_model(loaded.model, options, dry_run=True, name=str(path), source_path=path)[1]
 
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                    dry_run: bool = False, check: bool = True, in_place: bool = False,
-                   verify: dict | bool | None = None) -> FoldReport:
+                   verify: dict | bool | None = None, precision=None) -> FoldReport:
     """Fold the ONNX model at ``src`` and write it atomically to ``dst``.
 
     ``dst`` equal to ``src`` is refused unless ``in_place``. With ``dry_run`` nothing is written. The written
     model passes ``onnx.checker`` (full check) when ``check`` is set; models that used external data keep it
     (``<dst>.data``). With ``verify`` (True, or a dict of :func:`bnfold.verify.verify` arguments) the folded model
     is compared with the original before anything is written; a failure raises
-    :class:`bnfold.errors.VerificationFailed` and writes nothing.
+    :class:`bnfold.errors.VerificationFailed` and writes nothing. With ``precision``
+    (:class:`bnfold.precision.PrecisionOptions`) the folded model is written in fp16/bf16 (a dry run then
+    certifies the range in memory, like :func:`inspect_onnx_file`).
     """
     src_p = Path(src)
+    if dry_run and precision is not None:
+        return inspect_onnx_file(src_p, options, precision=precision)
     if not dry_run:
         if dst is None:
             raise BnfoldError("no output path: pass -o OUT.onnx (or --dry-run)")
@@ -44,8 +55,13 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
         OutputPlan().read_model(src_p).write_model(dst_p, "output", in_place=in_place).check()
     loaded = load_model(src_p)
     # without --verify the original is not needed again: fold the loaded model in place (no copy)
-    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
-                                source_path=src_p)
+    if precision is not None and not dry_run:
+        from bnfold.precision import fold_to_dtype
+        folded, report = fold_to_dtype(loaded.model, options, precision, name=str(src_p), inplace=not verify,
+                                       source_path=src_p)
+    else:
+        folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
+                                    source_path=src_p)
     if dry_run:
         return report
     if verify:
@@ -66,7 +82,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
                fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False,
-               verify: dict | bool | None = None):
+               verify: dict | bool | None = None, precision=None):
     """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
 
     Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
@@ -74,12 +90,30 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
     elsewhere is never folded, but a functional pattern may be) is marked folded with where it went.
     With ``fold=False`` the export keeps every BatchNormalization (a reference for `bnfold verify`).
     ``verify`` compares the folded ONNX model with the original module (run eagerly) before writing.
+    With ``precision`` (:class:`bnfold.precision.PrecisionOptions`) the module is exported with its BatchNorms
+    and the ONNX pass folds them in float64 straight into fp16/bf16 (a module-level fold would round the folded
+    weights to fp32 first); the report's entries are the ONNX pass's.
     """
     from bnfold.export import export_onnx
     from bnfold.torch_fold import fold_module
 
     result = None
     module = model
+    if precision is not None and fold and not dry_run:
+        from bnfold.precision import fold_to_dtype
+        exported = export_onnx(model, example_inputs, opset=opset, input_names=input_names,
+                               dynamic_batch=dynamic_batch, keep_bn=True)
+        onnx_model, report = fold_to_dtype(exported, options, precision, name=type(model).__name__)
+        if verify:
+            _verify_or_raise(model, onnx_model, report, verify)
+        if dst is not None:
+            warnings: list[str] = []
+            validate = folded_checker(exported, "export", warnings) if check else None
+            save_model(onnx_model, dst, copy=False, validate=validate)
+            report.extra["output"] = str(dst)
+            if warnings:
+                report.extra["warnings"] = warnings
+        return None, report
     if fold:
         result = fold_module(model, example_inputs)
         module = result.module

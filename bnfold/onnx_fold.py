@@ -86,10 +86,12 @@ def plan_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, na
 
 
 def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, dry_run: bool = False,
-               name: str = "", inplace: bool = False, source_path=None) -> tuple[onnx.ModelProto | None, FoldReport]:
+               name: str = "", inplace: bool = False, source_path=None,
+               materialize=None) -> tuple[onnx.ModelProto | None, FoldReport]:
     """Fold the BatchNorms of ``model``. Returns ``(folded_model, report)``; the folded model is None for a
     dry run. ``model`` itself is modified only with ``inplace=True`` (then the folded model *is* ``model``).
     ``source_path``: the unmodified file ``model`` was loaded from (the checker then reads the file).
+    ``materialize``: the rounding hook of :func:`bnfold.planner.apply` (reduced precision).
     Raises :class:`BnfoldError` on invalid statistics or a model onnx.checker rejects."""
     options = options or FoldOptions()
     check_input(model, name, source_path=source_path)
@@ -103,7 +105,7 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, dr
         out.CopyFrom(model)
     p = planner.plan(out, _plan_options(options))
     report = p.report(name=name)
-    planner.apply(p)
+    planner.apply(p, materialize=materialize)
     meta = {"version": __version__, "bn_total": report.bn_total, "folded": report.folded,
             "skipped": report.skipped, "affine_folded": report.affine_folded,
             "entries": [{k: v for k, v in (("bn", e.bn), ("status", e.status), ("into", e.into),

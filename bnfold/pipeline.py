@@ -38,6 +38,10 @@ class RunOptions:
     sessions: int | None = None
     #: name a latency difference only beyond this fraction (and when its interval excludes 1)
     min_effect: float = 0.02
+    #: reduced precision (bnfold.precision): fold straight into fp16/bf16; io in it too; fail instead of fp32
+    dtype: str | None = None
+    io_dtype: bool = False
+    strict_range: bool = False
 
 
 def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple | None = None,
@@ -81,9 +85,18 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
         with timed("calibrate"):
             cal = population_statistics(model, calibrate_batches)
         report["calibration"] = cal.summary()
-    step("folding")
+    step("folding" + (f" into {options.dtype}" if options.dtype else ""))
     with timed("fold"):
-        if is_onnx:
+        if options.dtype:
+            from bnfold.precision import PrecisionOptions, fold_to_dtype
+            prec = PrecisionOptions(dtype=options.dtype, io_dtype=options.io_dtype,
+                                    strict_range=options.strict_range, data=data)
+            if not is_onnx:  # the ONNX pass folds the export in float64 straight into the dtype
+                from bnfold.export import export_onnx
+                model = export_onnx(model, example_inputs, input_names=input_names, keep_bn=True)
+            original = model
+            folded, fold_report = fold_to_dtype(model, precision=prec, name=name)
+        elif is_onnx:
             from bnfold.onnx_fold import fold_model
             original = model
             folded, fold_report = fold_model(model, name=name)
@@ -172,6 +185,8 @@ def render_markdown(r: dict) -> str:
                   f"(lr {t['lr']}, batch {t['batch_size']}, seed {t['seed']}); BN statistics are Algorithm 2 "
                   f"population statistics over the training set ({t['calibration']['batches']} batches); "
                   f"held-out test accuracy {100 * t['test_accuracy']:.2f}%.", ""]
+    if fold.get("precision"):
+        lines += _precision_markdown(fold["precision"])
     if r.get("calibration"):
         c = r["calibration"]
         lines += [f"BatchNorm statistics recalibrated before folding ({c['method']}, {c['batches']} batches, "
@@ -256,6 +271,25 @@ def render_markdown(r: dict) -> str:
               "- `folded.onnx`: the folded model", "- `report.json`: everything on this page, machine-readable",
               "- `latency.png`: the latency plot", ""]
     return "\n".join(lines)
+
+
+def _precision_markdown(p: dict) -> list[str]:
+    lines = ["## Reduced precision", "",
+             f"Folded in float64 and written in {p['dtype']} (every folded parameter rounded once; inputs and "
+             f"outputs {p['io_dtype']}). {markdown_text(p['summary'])}. Activations measured on "
+             f"{markdown_text(p['activations_from'])}, headroom x{p['headroom']:g} against the largest finite "
+             f"{p['dtype']} value {p['max_finite']:.6g}.", ""]
+    rows = [x for x in p["layers"] if x["runs_in"] == "fp32" or x["subnormal"] or x["zero"]]
+    if rows:
+        lines += ["| node | runs in | reason | max abs weight | max abs output | subnormal | zero | worst channel |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for x in rows:
+            lines.append(f"| {markdown_text(x['node'])} ({x['op']}) | {x['runs_in']} | {x['reason'] or ''} | "
+                         f"{'' if x['weight_max'] is None else _fmt(x['weight_max'])} | "
+                         f"{'' if x['output_max'] is None else _fmt(x['output_max'])} | {x['subnormal']} | "
+                         f"{x['zero']} | {'' if x['worst_channel'] is None else x['worst_channel']} |")
+        lines.append("")
+    return lines
 
 
 def digits_for(shape: tuple):

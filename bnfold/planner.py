@@ -470,8 +470,10 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(new)
 
 
-def apply(plan_: Plan) -> None:
-    """Carry out ``plan_`` on the ModelProto it was made from, in place."""
+def apply(plan_: Plan, *, materialize=None) -> None:
+    """Carry out ``plan_`` on the ModelProto it was made from, in place. ``materialize(graph, node, slot, param,
+    what)``, when given, may return the array to write for a folded parameter (e.g. rounded straight to a
+    reduced-precision dtype, :mod:`bnfold.precision`); None keeps the default (the model's dtype)."""
     mg, ctx = plan_.graph, plan_.context
     ed = _Editor(plan_)
     for step in plan_.steps:
@@ -500,7 +502,10 @@ def apply(plan_: Plan) -> None:
     for (key, slot), p in ctx.params.items():
         n = mg.node(key)
         label = mg.label(key)
-        arr = p.materialize(f"{label} {'weight' if slot == 1 else 'bias'}")
+        what = f"{label} {'weight' if slot == 1 else 'bias'}"
+        arr = None if materialize is None else materialize(mg, key, slot, p, what)
+        if arr is None:
+            arr = p.materialize(what)
         if slot == BIAS_ADD:
             if not np.any(arr):
                 continue

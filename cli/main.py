@@ -25,7 +25,7 @@ from .common import (
     torch_model_options,
     verify_options,
 )
-from .render import report_table
+from .render import precision_table, report_table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -51,6 +51,34 @@ def layout_option(f):
                              "(nhwc). Data that fits the model only after a transpose is refused.")(f)
 
 
+def precision_options(f):
+    """--dtype/--io-dtype/--strict-range (reduced precision, bnfold.precision)."""
+    f = click.option("--strict-range", is_flag=True,
+                     help="With --dtype: exit 1 naming the layers that do not fit the dtype, instead of keeping "
+                          "them in fp32.")(f)
+    f = click.option("--io-dtype", is_flag=True,
+                     help="With --dtype: inputs and outputs in that dtype too (default: they stay fp32, with a "
+                          "Cast at each boundary).")(f)
+    f = click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default=None,
+                     help="Fold in float64 and write the model in this dtype, every folded parameter rounded "
+                          "once; layers that would overflow stay fp32 (default: the model's own dtype).")(f)
+    return f
+
+
+def _precision(dtype, io_dtype, strict_range, data=None, input_shape=()):
+    """PrecisionOptions for --dtype (None without it); --data (loaded) measures the activations."""
+    if dtype is None:
+        if io_dtype or strict_range:
+            raise click.UsageError("--io-dtype and --strict-range need --dtype fp16|bf16")
+        return None
+    from bnfold.precision import PrecisionOptions
+    from bnfold.torch_io import parse_input_shape
+
+    shapes = {s.name: s.shape for s in map(parse_input_shape, input_shape or ())}
+    return PrecisionOptions(dtype=dtype, io_dtype=io_dtype, strict_range=strict_range, data=data,
+                            input_shapes=shapes or None)
+
+
 def _options(lower_standalone: bool, no_forward: bool, no_affine: bool, no_merge: bool = False) -> FoldOptions:
     return FoldOptions(forward=not no_forward, affine_chains=not no_affine, lower_standalone=lower_standalone,
                        merge_branches=not no_merge)
@@ -66,7 +94,8 @@ def _load_torch(model: str, weights, input_shape, trust_pickle):
     return load_torch_model(model, weights=weights, trust_pickle=trust_pickle, input_shapes=list(input_shape))
 
 
-def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: Path | None):
+def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: Path | None,
+            all_layers: bool = False):
     if report_path is not None:
         write_text_atomic(report_path, strict_json(report.to_dict()) + "\n")
     con = out_console(json_mode)
@@ -74,6 +103,11 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
         click.echo(strict_json(report.to_dict()))
     elif not click.get_current_context().meta.get("quiet") and report.entries:
         con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm"))
+    prec = report.extra.get("precision")
+    if prec and not json_mode and not click.get_current_context().meta.get("quiet"):
+        con.print(precision_table(prec, all_layers=all_layers))
+    if prec:
+        con.print(f"range: {prec['summary']}; activations from {prec['activations_from']}", soft_wrap=True)
     for w in report.extra.get("warnings", []):
         con.print(styled("warning:", "yellow"), w)
     con.print(verdict)
@@ -81,19 +115,31 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@precision_options
+@click.option("--data", metavar="digits|FILE.npz|DIR", help="With --dtype: inputs on which to measure activations "
+              "(default: random normal inputs, which the report says).")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
+              help="With --dtype: shape of an input with dynamic dimensions (random inputs).")
+@layout_option
 @fold_options
 @json_option
 @common_options
-def inspect(model: Path, json_mode: bool, **opts):
-    """List every BatchNorm in MODEL.onnx: its neighbour, what folding would do, and why.
+def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, input_shape, layout, **opts):
+    """List every BatchNorm in MODEL.onnx: its neighbour, what folding would do, and why. With --dtype, also
+    certify the range of every layer in that dtype (folded weights and biases, underflow, activations).
 
     \b
     Example:
       bnfold inspect resnet18_unfolded.onnx
       bnfold inspect model.onnx --json | jq '.entries[] | select(.status == "skipped")'
+      bnfold inspect model.onnx --dtype fp16 --data digits
     """
-    report = inspect_onnx_file(model, _options(**opts))
-    _finish(report, json_mode=json_mode, verdict=f"PLAN | {report.summary()}", model=str(model), report_path=None)
+    OutputPlan().read_model(model).read(data if dtype else None, "--data").check()
+    loaded = _load_data(data, str(model), layout, _shapes(input_shape)) if data and dtype else None
+    precision = _precision(dtype, io_dtype, strict_range, loaded, input_shape)
+    report = inspect_onnx_file(model, _options(**opts), precision=precision)
+    _finish(report, json_mode=json_mode, verdict=f"PLAN | {report.summary()}", model=str(model), report_path=None,
+            all_layers=True)
 
 
 @main.command()
@@ -108,6 +154,7 @@ def inspect(model: Path, json_mode: bool, **opts):
 @click.option("--verify", "do_verify", is_flag=True,
               help="Compare the folded model with the original before writing it (exit 1 and write nothing if "
                    "they differ); --ep/--data/--atol/--rtol apply.")
+@precision_options
 @torch_model_options
 @verify_options
 @layout_option
@@ -116,7 +163,7 @@ def inspect(model: Path, json_mode: bool, **opts):
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
          no_check: bool, do_verify: bool, json_mode: bool, weights, input_shape, opset, trust_pickle,
-         ep, data, atol, rtol, batch, seed, layout, **opts):
+         ep, data, atol, rtol, batch, seed, layout, dtype, io_dtype, strict_range, **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -128,24 +175,32 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
       bnfold fold model.onnx -o folded.onnx --report fold.json
       bnfold fold model.onnx --dry-run
       bnfold fold bnfold.models.zoo:small_resnet --input-shape 1x3x32x32 -o small_resnet.onnx
+      bnfold fold model.onnx -o model_fp16.onnx --dtype fp16 --data digits
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
+    _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
-    plan.read(data if do_verify else None, "--data")
+    plan.read(data if do_verify or dtype else None, "--data")
     plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
     plan.write(report_path, "--report").check()
     options = _options(**opts)
     verify = None
     if do_verify and not dry_run:
         verify = _verify_kwargs(model, output, input_shape, ep, data, atol, rtol, batch, seed, layout)
+    precision = None
+    if dtype:
+        loaded = verify["data"] if verify and "data" in verify else \
+            _load_data(data, model if _is_onnx(model) else None, layout, _shapes(input_shape)) if data else None
+        precision = _precision(dtype, io_dtype, strict_range, loaded, input_shape)
     if _is_onnx(model):
         report = fold_onnx_file(Path(model), output, options, dry_run=dry_run, check=not no_check,
-                                in_place=in_place, verify=verify)
+                                in_place=in_place, verify=verify, precision=precision)
     else:
         torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
         _, report = fold_torch(torch_model, inputs, None if dry_run else output, options, opset=opset,
-                               input_names=names, check=not no_check, dry_run=dry_run, verify=verify)
+                               input_names=names, check=not no_check, dry_run=dry_run, verify=verify,
+                               precision=precision)
     verdict = f"PLAN | {report.summary()}" if dry_run else f"FOLDED | {report.summary()} -> {output}"
     if "verify_verdict" in report.extra:
         out_console(json_mode).print(report.extra["verify_verdict"], soft_wrap=True, markup=False)
@@ -159,11 +214,12 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
 @click.option("--no-fold", is_flag=True, help="Keep every BatchNormalization (a reference to verify against).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the fold report as JSON to this file.")
+@precision_options
 @torch_model_options
 @json_option
 @common_options
 def export(model: str, output: Path, no_fold: bool, report_path: Path | None, json_mode: bool, weights,
-           input_shape, opset, trust_pickle):
+           input_shape, opset, trust_pickle, dtype, io_dtype, strict_range):
     """Export a PyTorch MODEL to ONNX (dynamic batch), folded by default, or with --no-fold as it is.
 
     \b
@@ -173,14 +229,23 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     """
     if _is_onnx(model):
         raise BnfoldError(f"{model} is already ONNX: use 'bnfold fold {model} -o OUT.onnx' to fold it")
+    precision = _precision(dtype, io_dtype, strict_range, None, input_shape)
+    if precision is not None and no_fold:
+        raise click.UsageError("--dtype folds: it cannot be combined with --no-fold")
     OutputPlan().read(weights, "--weights").write_model(output, "-o").write(report_path, "--report").check()
     torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
-    _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold)
+    _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold,
+                           precision=precision)
     if no_fold:
         verdict = f"EXPORTED | BatchNorm kept ({report.extra['onnx_bn_kept']} BatchNormalization) -> {output}"
     else:
         verdict = f"EXPORTED | {report.summary()} -> {output}"
     _finish(report, json_mode=json_mode, verdict=verdict, model=model, report_path=report_path)
+
+
+def _shapes(input_shape) -> list:
+    from bnfold.torch_io import parse_input_shape
+    return [parse_input_shape(s) for s in input_shape]
 
 
 def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed, layout) -> dict:
@@ -528,7 +593,8 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
 
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
-              batches, threads, json_mode, extra=None, min_effect=0.02):
+              batches, threads, json_mode, extra=None, min_effect=0.02, dtype=None, io_dtype=False,
+              strict_range=False):
     from bnfold.pipeline import RunOptions, run_pipeline
 
     con = out_console(json_mode)
@@ -539,7 +605,8 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
             con.print(styled(f"- {msg}", "dim"))
     from .progress import BenchDisplay
 
-    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect)
+    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect, dtype=dtype,
+                         io_dtype=io_dtype, strict_range=strict_range)
     with BenchDisplay(con, bool(quiet), prefix="  ") as display:
         report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                               calibrate_batches=calibrate_batches, options=options, extra=extra, step=step,
@@ -568,12 +635,13 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")
+@precision_options
 @torch_model_options
 @layout_option
 @json_option
 @common_options
 def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, input_shape, opset, layout,
-        trust_pickle, json_mode):
+        trust_pickle, json_mode, dtype, io_dtype, strict_range):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -583,6 +651,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     """
     from bnfold.pipeline import FILES, prepare_run
 
+    _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
     plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
@@ -590,7 +659,8 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
                     trust_pickle=trust_pickle, layout=layout)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
-                       threads=threads, json_mode=json_mode, min_effect=min_effect))
+                       threads=threads, json_mode=json_mode, min_effect=min_effect, dtype=dtype,
+                       io_dtype=io_dtype, strict_range=strict_range))
 
 
 @main.command()

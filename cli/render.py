@@ -110,3 +110,30 @@ def bench_table(run, width: int = 80) -> Table:
         f"{100 * min_effect:g}%.")
     table.caption.justify = "left"
     return table
+
+
+def _g(x) -> str:
+    return "" if x is None else f"{x:.3g}"
+
+
+def precision_table(prec: dict, *, all_layers: bool = False) -> Table:
+    """The range certificate (bnfold.precision): every layer (``all_layers``), or only those kept in fp32 or
+    with weights that underflow; largest weight/bias/output against the dtype's largest finite value."""
+    rows = [x for x in prec["layers"] if all_layers or x["runs_in"] == "fp32" or x["subnormal"] or x["zero"]]
+    title = (f"{prec['dtype']} range (largest finite {prec['max_finite']:.6g}, smallest normal "
+             f"{prec['smallest_normal']:.3g}): {len(rows)} of {len(prec['layers'])} nodes")
+    table = Table(title=cell(title), title_justify="left")
+    table.add_column("node", overflow="fold", ratio=1)
+    table.add_column("runs in", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    for col in ("max |w|", "max |b|", "max |out|"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("underflow", justify="right", no_wrap=True)
+    for x in rows:
+        name = f"{x['graph']}/{x['node']}" if x["graph"] else x["node"]
+        under = f"{x['subnormal']} sub, {x['zero']} zero" if x["subnormal"] or x["zero"] else ""
+        if x["worst_channel"] is not None and under:
+            under += f" (ch {x['worst_channel']})"
+        table.add_row(cell(f"{name} ({x['op']})"), cell(x["runs_in"], "yellow" if x["runs_in"] == "fp32" else None),
+                      cell(x["reason"]), _g(x["weight_max"]), _g(x["bias_max"]), _g(x["output_max"]), under)
+    return table
