@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -50,9 +51,18 @@ def out_console(json_mode: bool) -> Console:
     return err_console if json_mode else SafeConsole()
 
 
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (colours, bold, OSC titles/links) that libraries such as
+    torch put in their messages; the controls left are escaped by :func:`printable` when printed."""
+    return _ANSI.sub("", text)
+
+
 class _SafeFormatter(logging.Formatter):
     def formatMessage(self, record):  # noqa: N802 (logging's name)
-        return printable(super().formatMessage(record))
+        return printable(strip_ansi(super().formatMessage(record)))
 
 
 def common_options(f):
@@ -76,7 +86,7 @@ def common_options(f):
         except BnfoldError as exc:
             if debug:
                 raise
-            err_console.print(styled("error:", "bold red"), str(exc))
+            err_console.print(styled("error:", "bold red"), strip_ansi(str(exc)))
             ctx.exit(EXIT_BAD_INPUT)
         except VerificationFailed as exc:
             json_mode = kwargs.get("json_mode", False)
@@ -95,8 +105,8 @@ def common_options(f):
         except Exception as exc:  # a bug: still one line unless --debug
             if debug:
                 raise
-            err_console.print(styled("internal error:", "bold red"), f"{type(exc).__name__}: {exc} (rerun with "
-                              "--debug for the traceback and report it)")
+            err_console.print(styled("internal error:", "bold red"), f"{type(exc).__name__}: {strip_ansi(str(exc))} "
+                              "(rerun with --debug for the traceback and report it)")
             ctx.exit(EXIT_INTERNAL)
 
     return wrapper
@@ -117,17 +127,44 @@ def fold_options(f):
     return f
 
 
-def torch_model_options(f):
-    """How to build a PyTorch MODEL given as a factory spec."""
+def weights_options(f):
+    """--weights / --random-weights / --trust-pickle: the weights of a PyTorch SPEC, for every command that
+    builds one. Pass the values to :func:`resolve_weights` (the policy is the library's
+    :func:`bnfold.torch_io.choose_weights`)."""
     f = click.option("--trust-pickle", is_flag=True,
                      help="Load a .pt/.pth checkpoint that is not weights-only (this runs code from the file: "
                           "only for files you trust).")(f)
+    f = click.option("--random-weights", is_flag=True,
+                     help="Use the factory's random initialisation (seed 0) on purpose, for smoke tests; "
+                          "without --weights or this, a PyTorch SPEC is refused (zoo models have their own).")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                     help="State dict for a PyTorch SPEC: .pt/.pth (weights-only) or .safetensors; its sha256 "
+                          "is recorded in the outputs.")(f)
+    return f
+
+
+def resolve_weights(spec: str, weights, random_weights: bool):
+    """The :class:`bnfold.torch_io.WeightsSource` for ``spec`` (exit 2 naming --weights and --random-weights
+    when there is none). Announce it with :func:`weights_note` once the model is built."""
+    from bnfold.torch_io import choose_weights
+
+    return choose_weights(spec, weights, random_weights)
+
+
+def weights_note(spec: str, source) -> None:
+    """Say on stderr when a zoo model runs on its own (untrained) weights: never silent."""
+    if source is not None and source.kind == "zoo":
+        err_console.print(styled("note:", "yellow"), f"{spec}: no --weights given: using the zoo's own weights "
+                          f"(random initialisation, seed {source.seed}, BatchNorm statistics randomized; not "
+                          "trained)")
+
+
+def torch_model_options(f):
+    """How to build a PyTorch MODEL given as a factory spec."""
     f = click.option("--opset", type=int, default=None, help="ONNX opset for the export (default 18).")(f)
     f = click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
                      help="Shape of each model input (repeat for several inputs).")(f)
-    f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-                     help="State dict for a PyTorch MODEL: .pt/.pth (weights-only) or .safetensors.")(f)
-    return f
+    return weights_options(f)
 
 
 def verify_options(f):
@@ -138,9 +175,11 @@ def verify_options(f):
     f = click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by output dtype).")(f)
     f = click.option("--atol", type=float, default=None,
                      help="Absolute tolerance (default: by output dtype, scaled by the output's magnitude).")(f)
-    f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="ONNX Runtime execution provider.")(f)
+    f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), default="cpu", show_default=True,
+                     help="ONNX Runtime execution provider; one that cannot run here is an error; 'auto': cuda "
+                          "where it runs, else cpu (the verdict names what was skipped).")(f)
     f = click.option("--data", metavar="digits|FILE.npz|DIR",
-                     help="Real inputs: the bundled digits, an .npz (arrays named after the inputs, optional "
-                          "'labels'), or an image folder (one subfolder per class).")(f)
+                     help="Real inputs: the bundled digits (the held-out split train reports on; digits:all "
+                          "for all), an .npz (arrays named after the inputs, optional 'labels'), or an image "
+                          "folder (one subfolder per class).")(f)
     return f
