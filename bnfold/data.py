@@ -141,7 +141,8 @@ def load_dataset(spec: str | Path, *, image_size: tuple[int, int] | None = None,
         return load_image_folder(p, image_size, channels)
     if p.suffix == ".npz" or p.is_file():
         return load_npz(p)
-    raise BnfoldError(f"--data '{spec}': not 'digits', an existing .npz file or an image folder")
+    raise BnfoldError(f"--data '{spec}': not 'digits' (or digits:all, digits:train), an existing .npz file or an "
+                      "image folder")
 
 
 LAYOUTS = ("nchw", "nhwc")

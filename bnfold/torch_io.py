@@ -28,6 +28,7 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 MAX_INPUT_ELEMENTS = 2**31 - 1  # per input: beyond int32 indexing, and 8 GB of float32
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -106,6 +107,8 @@ def choose_weights(spec: str, weights: str | Path | None = None, random_weights:
         return WeightsSource("random", seed=RANDOM_SEED)
     if zoo_name(spec) is not None:
         return WeightsSource("zoo", seed=RANDOM_SEED)
+    if ":" not in spec or not is_factory_spec(spec):
+        resolve_factory(spec)  # not a model at all: that error first (imports nothing)
     raise BnfoldError(f"'{spec}' is a PyTorch model and no weights were given: pass --weights FILE (its state "
                       "dict), or --random-weights to use a random initialisation on purpose (smoke tests only)")
 
@@ -120,10 +123,9 @@ def _checkpoint_statistics(p: Path) -> str | None:
     cal = (config or {}).get("calibration")
     if not isinstance(cal, dict):
         return None
-    data = cal.get("data") or (config or {}).get("data")
-    how = cal.get("method", "Algorithm 2")
-    return f"{how} over {data}" + (f" ({cal['samples']} samples)" if cal.get("samples") else "") \
-        if data else f"{how} ({cal.get('samples', '?')} samples)"
+    data = cal.get("data") or (config or {}).get("data") or "unrecorded data"
+    samples = f" ({cal['samples']} samples)" if cal.get("samples") else ""
+    return f"{cal.get('method', 'algorithm2')} over {data}{samples}, recorded in the checkpoint"
 
 
 @dataclass
@@ -145,6 +147,13 @@ def parse_input_shape(text: str) -> InputSpec:
         raise BnfoldError(f"--input-shape '{text}': {math.prod(shape):.3g} elements is too large for an example "
                           f"input (at most {MAX_INPUT_ELEMENTS:,}); give the shape of one real input")
     return InputSpec(name or None, shape)
+
+
+def torch_message(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a torch exception's message, without the terminal escape sequences (bold, colours)
+    torch puts in some (``weights_only`` refusals): text for one error line, not for a terminal."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def is_factory_spec(text: str) -> bool:
@@ -216,15 +225,17 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = torch_message(exc)
+        if "Weights only load failed" in msg:
+            msg = "it pickles objects besides tensors"
         if not trust_pickle:
             raise BnfoldError(
-                f"{p}: refusing to load: it is not a weights-only checkpoint ({msg[:200]}). Loading it would run "
+                f"{p}: refusing to load: it is not a weights-only checkpoint ({msg}). Loading it would run "
                 "code from the file; if you trust it, pass --trust-pickle") from None
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise BnfoldError(f"{p}: cannot load checkpoint ({exc2})") from None
+            raise BnfoldError(f"{p}: cannot load checkpoint ({torch_message(exc2)})") from None
     return _unwrap_state_dict(obj, p)
 
 
@@ -327,8 +338,7 @@ def check_forward(model: nn.Module, inputs: tuple) -> None:
             model(*inputs)
     except Exception as exc:
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
-        text = str(exc).strip()
-        msg = text.splitlines()[0][:300] if text else type(exc).__name__
+        msg = torch_message(exc, 300)
         raise BnfoldError(f"the model cannot run on input shape {shapes}: {msg}; check --input-shape (the "
                           "channel count, the spatial size)") from None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -51,18 +50,9 @@ def out_console(json_mode: bool) -> Console:
     return err_console if json_mode else SafeConsole()
 
 
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without terminal escape sequences (colours, bold, OSC titles/links) that libraries such as
-    torch put in their messages; the controls left are escaped by :func:`printable` when printed."""
-    return _ANSI.sub("", text)
-
-
 class _SafeFormatter(logging.Formatter):
     def formatMessage(self, record):  # noqa: N802 (logging's name)
-        return printable(strip_ansi(super().formatMessage(record)))
+        return printable(super().formatMessage(record))
 
 
 def common_options(f):
@@ -86,7 +76,7 @@ def common_options(f):
         except BnfoldError as exc:
             if debug:
                 raise
-            err_console.print(styled("error:", "bold red"), strip_ansi(str(exc)))
+            err_console.print(styled("error:", "bold red"), str(exc))
             ctx.exit(EXIT_BAD_INPUT)
         except VerificationFailed as exc:
             json_mode = kwargs.get("json_mode", False)
@@ -105,8 +95,8 @@ def common_options(f):
         except Exception as exc:  # a bug: still one line unless --debug
             if debug:
                 raise
-            err_console.print(styled("internal error:", "bold red"), f"{type(exc).__name__}: {strip_ansi(str(exc))} "
-                              "(rerun with --debug for the traceback and report it)")
+            err_console.print(styled("internal error:", "bold red"), f"{type(exc).__name__}: {exc} (rerun with "
+                              "--debug for the traceback and report it)")
             ctx.exit(EXIT_INTERNAL)
 
     return wrapper

@@ -81,6 +81,18 @@ def _load_torch(model: str, source, input_shape, trust_pickle):
     return loaded
 
 
+def _weights_for(model: str, weights, random_weights: bool):
+    """The WeightsSource of a PyTorch MODEL; None for an ONNX MODEL, whose weights are in the file (a
+    --weights/--random-weights given with one would be ignored silently: refused)."""
+    if not _is_onnx(model):
+        return resolve_weights(model, weights, random_weights)
+    if weights is not None or random_weights:
+        flag = "--weights" if weights is not None else "--random-weights"
+        raise BnfoldError(f"{flag} applies to a PyTorch SPEC; {model} is an ONNX model, whose weights are in "
+                          "the file: drop the option")
+    return None
+
+
 def _provenance(model: str, source, **extra) -> dict:
     from bnfold.provenance import provenance
     return provenance(model, weights=source, **extra)
@@ -154,7 +166,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
-    source = None if _is_onnx(model) else resolve_weights(model, weights, random_weights)
+    source = _weights_for(model, weights, random_weights)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data if do_verify else None, "--data")
     plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
@@ -261,7 +273,7 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
     from bnfold.torch_io import parse_input_shape
     from bnfold.verify import verify as run_verify
 
-    source = None if _is_onnx(reference) else resolve_weights(reference, weights, random_weights)
+    source = _weights_for(reference, weights, random_weights)
     choice = resolve_providers(ep, single=True)
     ep = choice.eps[0]
     cand = load_model(candidate).model
@@ -275,7 +287,13 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
                         seed=seed, max_samples=max_samples)
     con = out_console(json_mode)
     if json_mode:
-        click.echo(strict_json(result.to_dict()))
+        from bnfold import provenance as prov
+        report = result.to_dict()
+        report["provenance"] = {  # what was compared: each model's own record, else what it is
+            "reference": prov.read(ref) or _provenance(reference, source) if source is None else
+            _provenance(reference, source),
+            "candidate": prov.read(cand) or prov.provenance(str(candidate))}
+        click.echo(strict_json(report))
     elif not click.get_current_context().meta.get("quiet"):
         from .render import verify_table
         con.print(verify_table(result, con.width))
@@ -625,7 +643,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     """
     from bnfold.pipeline import FILES, prepare_run
 
-    source = None if _is_onnx(model) else resolve_weights(model, weights, random_weights)
+    source = _weights_for(model, weights, random_weights)
     eps = resolve_providers(eps)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")

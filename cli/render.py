@@ -117,16 +117,14 @@ def bench_table(run, width: int = 80) -> Table:
     names = [Path(r.model).name for r in run.results]
     if len(set(names)) < len({r.model for r in run.results}):
         names = [r.model for r in run.results]
-    room = max(12, width - (34 if narrow else 60 if not wide else 90))
-    names = [shorten(n, room) for n in names]
     min_effect = run.config.get("min_effect", 0.02)
     if narrow:  # below 80 columns: two lines per cell, so no number is ever cut
-        table.add_column("model / setting", no_wrap=True)
+        table.add_column("model / setting", overflow="fold")
         for col in ("p50 / 95% CI", "ratio / 95% CI"):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("verdict", overflow="fold")
     else:
-        table.add_column("model", no_wrap=True)
+        table.add_column("model", overflow="fold")
         table.add_column("setting", no_wrap=True)
         cols = ["p50", "95% CI"] + (["p90", "p99", "sessions"] if wide else []) + ["ratio", "95% CI", "verdict"]
         for col in cols:

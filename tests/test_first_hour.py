@@ -109,6 +109,15 @@ def test_weights_file_sha256_recorded(tmp_path):
     prov = metadata(tmp_path / "e.onnx")["bnfold.provenance"]
     assert prov["weights_sha256"] == sha and prov["weights_file"].endswith("w.safetensors")
     assert sha in prov["weights"]
+    r = cli("verify", tmp_path / "e.onnx", tmp_path / "e.onnx", "--json")  # verify's report says what it compared
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["provenance"]["reference"]["weights_sha256"] == sha
+
+
+def test_weights_given_with_an_onnx_model_is_refused_not_ignored(image_onnx, full_checkpoint, tmp_path):
+    r = cli("fold", image_onnx, "--weights", full_checkpoint, "-o", tmp_path / "f.onnx")
+    assert r.exit_code == 2 and "ONNX model" in r.output and "drop the option" in r.output, r.output
+    assert not (tmp_path / "f.onnx").exists()
 
 
 def test_zoo_default_weights_are_said_on_stderr_and_not_identity(tmp_path):
