@@ -229,11 +229,12 @@ def population_statistics(model: nn.Module, batches: Iterable, *, max_batches: i
 
 
 def calibration_batches(data, input_shape: tuple, *, batch_size: int = 64, layout: str = "nchw"):
-    """Mini-batches (torch tensors, batches of one dropped) of ``data`` (a spec such as ``digits``, an .npz, an
-    image folder, or a :class:`bnfold.data.Dataset`) shaped for a model taking ``input_shape``."""
-    from bnfold.data import load_for_model
+    """Mini-batches (torch tensors, batches of one dropped) of ``data`` (a spec such as ``digits``, here the
+    training split, an .npz, an image folder, or a :class:`bnfold.data.Dataset`) shaped for a model taking
+    ``input_shape``."""
+    from bnfold.data import for_calibration, load_for_model
 
-    ds = load_for_model(data, [(None, tuple(input_shape))], layout=layout)
+    ds = load_for_model(for_calibration(data), [(None, tuple(input_shape))], layout=layout)
     x = torch.from_numpy(np.ascontiguousarray(next(iter(ds.inputs.values())), dtype=np.float32))
     return ds, [x[i:i + batch_size] for i in range(0, len(x), batch_size) if len(x[i:i + batch_size]) > 1]
 
@@ -258,17 +259,20 @@ def input_shape_from(data, explicit: list | None, default_shape: tuple | None, *
 
 def calibrate_spec(spec: str, data, *, weights=None, trust_pickle: bool = False, input_shapes: list[str] | None = None,
                    batch_size: int = 64, max_batches: int | None = None, pooled: bool = False,
-                   layout: str = "nchw"):
+                   layout: str = "nchw", random_weights: bool = False):
     """Build the PyTorch model ``spec`` (with ``weights``), recompute its BN population statistics over
     ``data`` and return ``(model, CalibrationResult, checkpoint config)``. The input shape comes from
-    ``input_shapes`` (``[NAME=]1x3x224x224`` strings), else from the data (see :func:`input_shape_from`)."""
-    from bnfold.torch_io import apply_weights, build_model, load_state_dict, parse_input_shape
+    ``input_shapes`` (``[NAME=]1x3x224x224`` strings), else from the data (see :func:`input_shape_from`).
+    ``weights``: a file or a :class:`bnfold.torch_io.WeightsSource` (the policy of
+    :func:`bnfold.torch_io.choose_weights`); the config records the provenance."""
+    from bnfold.data import for_calibration
+    from bnfold.provenance import provenance
+    from bnfold.torch_io import WeightsSource, build_weighted, choose_weights, parse_input_shape
 
+    data = for_calibration(data)  # plain `digits`: the training split
+    source = weights if isinstance(weights, WeightsSource) else choose_weights(spec, weights, random_weights)
     specs = [parse_input_shape(s) for s in (input_shapes or [])]
-    model, default_shape = build_model(spec)
-    if weights is not None:
-        apply_weights(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
-    model.eval()
+    model, default_shape = build_weighted(spec, source, trust_pickle=trust_pickle)
     if isinstance(data, (str, Path)) and not Path(str(data)).is_dir():
         from bnfold.data import load_dataset
         data = load_dataset(data)  # read once: for its shape and for its batches
@@ -276,7 +280,9 @@ def calibrate_spec(spec: str, data, *, weights=None, trust_pickle: bool = False,
     ds, batches = calibration_batches(data, shape, batch_size=batch_size, layout=layout)
     result = population_statistics(model, batches, max_batches=max_batches, pooled=pooled)
     from bnfold.train import read_checkpoint_config
-    config = (read_checkpoint_config(weights) if weights else None) or {"model": spec}
+    config = (read_checkpoint_config(source.path) if source.kind == "file" else None) or {"model": spec}
     config["calibration"] = {**result.summary(), "data": ds.name, "batch_size": batch_size,
                              "input_shape": list(shape)}
+    config["provenance"] = provenance(spec, weights=source, statistics=f"{result.method} over {ds.name} "
+                                      f"({result.samples} samples, bnfold calibrate)")
     return model, result, config

@@ -1,5 +1,10 @@
 """Datasets: the handwritten digits bundled with scikit-learn (no download), ``.npz`` files, image folders.
 
+``digits`` means the same thing in every command that evaluates (verify, run, demo): the held-out split
+`train` reports its test accuracy on (359 of the 1,797 samples; the split is fixed: 20%, seed 0). Calibration
+(`calibrate`, `run --calibrate-data`) reads ``digits`` as the training split `train` trains on. ``digits:all``,
+``digits:train`` and ``digits:test`` name a part explicitly; the dataset's name says which part was used.
+
 Every loader returns a :class:`Dataset`: ``inputs`` maps input names (or ``"x"`` for single-input data) to
 float32 arrays with the sample axis first, ``labels`` is an int64 array or None.
 """
@@ -27,15 +32,48 @@ class Dataset:
         return len(next(iter(self.inputs.values())))
 
 
-def load_digits() -> Dataset:
-    """scikit-learn's 1,797 8x8 handwritten digits, scaled to [0, 1], as (N, 64) float32 plus labels."""
+DIGITS_TEST_FRACTION = 0.2
+SPLIT_SEED = 0  # `train` splits every dataset with this seed, whatever its --seed: one held-out split
+DIGITS_PARTS = ("test", "train", "all")
+
+
+def holdout_split(n: int, test_fraction: float = DIGITS_TEST_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """``(train indices, held-out indices)`` of ``n`` samples: the split `train` uses (fixed seed)."""
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
+def load_digits(part: str = "all") -> Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits, scaled to [0, 1], as (N, 64) float32 plus labels:
+    ``part`` ``"all"``, ``"train"`` (what `train` trains on) or ``"test"`` (its held-out split)."""
+    if part not in DIGITS_PARTS:
+        raise BnfoldError(f"'digits:{part}': choose digits (the held-out split), digits:train or digits:all")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError:  # pragma: no cover - scikit-learn is a dependency
         raise BnfoldError("the embedded digits need scikit-learn: pip install scikit-learn") from None
     d = _load()
-    return Dataset({"x": (d.data / 16.0).astype(np.float32)}, d.target.astype(np.int64), "digits",
-                   [str(c) for c in range(10)])
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    n = len(x)
+    name = f"digits:all (all {n:,} samples, {n - round(n * DIGITS_TEST_FRACTION):,} of which train trains on)"
+    if part != "all":
+        tr, te = holdout_split(n)
+        idx = tr if part == "train" else te
+        x, y = x[idx], y[idx]
+        name = (f"digits (the held-out split train reports: {len(idx):,} of {n:,} samples)" if part == "test" else
+                f"digits:train (the training split: {len(idx):,} of {n:,} samples)")
+    return Dataset({"x": x}, y, name, [str(c) for c in range(10)])
+
+
+def is_digits(spec) -> bool:
+    return isinstance(spec, str) and (spec == "digits" or spec.startswith("digits:"))
+
+
+def for_calibration(spec):
+    """``--data`` of a calibration: plain ``digits`` is the training split (statistics come from training
+    data, as `train`'s Algorithm 2 statistics do); anything else as given."""
+    return "digits:train" if isinstance(spec, str) and spec == "digits" else spec
 
 
 def load_npz(path: str | Path) -> Dataset:
@@ -94,15 +132,17 @@ def load_image_folder(path: str | Path, size: tuple[int, int] | None = None, cha
 
 
 def load_dataset(spec: str | Path, *, image_size: tuple[int, int] | None = None, channels: int = 3) -> Dataset:
-    """``digits``, a ``.npz`` file, or an image folder."""
-    if str(spec) == "digits":
-        return load_digits()
+    """``digits`` (the held-out split; ``digits:train``, ``digits:all``), a ``.npz`` file, or an image folder."""
+    if is_digits(str(spec)):
+        part = str(spec).partition(":")[2] or "test"
+        return load_digits(part)
     p = Path(spec)
     if p.is_dir():
         return load_image_folder(p, image_size, channels)
     if p.suffix == ".npz" or p.is_file():
         return load_npz(p)
-    raise BnfoldError(f"--data '{spec}': not 'digits', an existing .npz file or an image folder")
+    raise BnfoldError(f"--data '{spec}': not 'digits' (or digits:all, digits:train), an existing .npz file or an "
+                      "image folder")
 
 
 LAYOUTS = ("nchw", "nhwc")

@@ -31,7 +31,8 @@ def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = Non
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                    dry_run: bool = False, check: bool = True, in_place: bool = False,
-                   verify: dict | bool | None = None, precision=None) -> FoldReport:
+                   verify: dict | bool | None = None, precision=None,
+                   provenance: dict | None = None) -> FoldReport:
     """Fold the ONNX model at ``src`` and write it atomically to ``dst``.
 
     ``dst`` equal to ``src`` is refused unless ``in_place``. With ``dry_run`` nothing is written. The written
@@ -40,9 +41,13 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
     is compared with the original before anything is written; a failure raises
     :class:`bnfold.errors.VerificationFailed` and writes nothing. With ``precision``
     (:class:`bnfold.precision.PrecisionOptions`) the folded model is written in fp16/bf16 (a dry run then
-    certifies the range in memory, like :func:`inspect_onnx_file`).
+    certifies the range in memory, like :func:`inspect_onnx_file`). ``provenance`` (default: the input file's,
+    see :mod:`bnfold.provenance`) is recorded in the report and the written model's metadata.
     """
+    from bnfold import provenance as prov_mod
+
     src_p = Path(src)
+    prov = provenance or prov_mod.provenance(str(src_p))
     if dry_run and precision is not None:
         return inspect_onnx_file(src_p, options, precision=precision)
     if not dry_run:
@@ -62,8 +67,10 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
     else:
         folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
                                     source_path=src_p)
+    report.extra["provenance"] = prov
     if dry_run:
         return report
+    prov_mod.record(folded, prov)
     if verify:
         _verify_or_raise(loaded.model, folded, report, verify)
     external = loaded.external_data
@@ -82,7 +89,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
                fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False,
-               verify: dict | bool | None = None, precision=None):
+               verify: dict | bool | None = None, precision=None, provenance: dict | None = None):
     """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
 
     Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
@@ -93,7 +100,10 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
     With ``precision`` (:class:`bnfold.precision.PrecisionOptions`) the module is exported with its BatchNorms
     and the ONNX pass folds them in float64 straight into fp16/bf16 (a module-level fold would round the folded
     weights to fp32 first); the report's entries are the ONNX pass's.
+    ``provenance`` (:func:`bnfold.provenance.provenance`) is recorded in the report and the model's metadata;
+    the model's ``bnfold`` metadata summary counts what the report counts (module level and ONNX pass).
     """
+    from bnfold import provenance as prov_mod
     from bnfold.export import export_onnx
     from bnfold.torch_fold import fold_module
 
@@ -104,6 +114,9 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         exported = export_onnx(model, example_inputs, opset=opset, input_names=input_names,
                                dynamic_batch=dynamic_batch, keep_bn=True)
         onnx_model, report = fold_to_dtype(exported, options, precision, name=type(model).__name__)
+        if provenance is not None:
+            report.extra["provenance"] = provenance
+            prov_mod.record(onnx_model, provenance)
         if verify:
             _verify_or_raise(model, onnx_model, report, verify)
         if dst is not None:
@@ -119,6 +132,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         module = result.module
         if dry_run:
             result.report.dry_run = True
+            if provenance is not None:
+                result.report.extra["provenance"] = provenance
             return result, result.report
     exported = export_onnx(module, example_inputs, opset=opset, input_names=input_names, dynamic_batch=dynamic_batch,
                            keep_bn=not fold)
@@ -127,11 +142,15 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         from bnfold.torch_fold import record_module_folds
         record_module_folds(onnx_model, result.report)  # the fold record travels with the model (localizer)
         report = _merge(result.report, onnx_report)
+        _record_summary(onnx_model, report)
     else:
         onnx_model = exported
         from bnfold.onnx_fold import inspect_model
         report = FoldReport(entries=[], model=type(model).__name__, extra={"fold": False})
         report.extra["onnx_bn_kept"] = inspect_model(exported).bn_total
+    if provenance is not None:
+        report.extra["provenance"] = provenance
+        prov_mod.record(onnx_model, provenance)
     if verify and fold:
         _verify_or_raise(model, onnx_model, report, verify)
     if dst is not None:
@@ -142,6 +161,23 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         if warnings:
             report.extra["warnings"] = warnings
     return result, report
+
+
+def _record_summary(onnx_model, report: FoldReport) -> None:
+    """Make the ``bnfold`` metadata's counts those of the whole fold (what the command prints), not only the
+    ONNX pass's over the export (which sees the BNs the module level left: often none). Its ``entries`` stay
+    the ONNX pass's (node names, for the localizer); module-level folds are in ``bnfold.module_folds``."""
+    import json
+
+    from bnfold.onnx_fold import METADATA_KEY
+
+    for p in onnx_model.metadata_props:
+        if p.key == METADATA_KEY:
+            meta = json.loads(p.value)
+            onnx_pass = {k: meta.get(k) for k in ("bn_total", "folded", "skipped", "affine_folded")}
+            meta.update(bn_total=report.bn_total, folded=report.folded, skipped=report.skipped,
+                        affine_folded=report.affine_folded, onnx_pass=onnx_pass)
+            p.value = json.dumps(meta, separators=(",", ":"))
 
 
 def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:

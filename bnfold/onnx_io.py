@@ -132,6 +132,10 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise BnfoldError(f"{p}: not a file")
     if p.stat().st_size == 0:
         raise BnfoldError(f"{p}: empty file, not an ONNX model")
+    from bnfold.filetype import not_onnx_message
+
+    if (msg := not_onnx_message(p)) is not None:  # a torch/safetensors file: say so, and the fix
+        raise BnfoldError(msg)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, RuntimeWarning-turned-errors, ...

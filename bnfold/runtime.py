@@ -131,6 +131,62 @@ def resolve_input_shapes(inputs, shapes: list, batch: int) -> list[tuple]:
     return out
 
 
+AUTO = "auto"
+AUTO_ORDER = ("cuda", "cpu")  # --ep auto: the first that runs (one provider), or all that run (a list)
+
+
+class ProviderChoice:
+    """The providers a command will use, and those ``--ep auto`` left out with why (``{ep: reason}``)."""
+
+    def __init__(self, eps: list[str], skipped: dict[str, str] | None = None):
+        self.eps = eps
+        self.skipped = skipped or {}
+
+    def note(self) -> str:
+        """``""``, or ``"skipped cuda (reason)"`` for the verdict line."""
+        return "; ".join(f"skipped {ep} ({why})" for ep, why in self.skipped.items())
+
+
+def unavailable_reason(ep: str, runtime: str = "ort") -> str | None:
+    """Why ``ep`` cannot run here (None when it can). ``runtime="torch"``: ``ep`` is a torch device."""
+    if runtime == "torch":
+        if ep != "cuda":
+            return None  # cpu runs; anything else the torch runtime refuses itself
+        import torch
+        return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
+    if ep not in EPS:
+        return f"unknown execution provider; choose one of {', '.join(EPS)}"
+    if PRIMARY[ep] not in ort.get_available_providers():
+        return f"{PRIMARY[ep]} is not in this onnxruntime build"
+    if ep != "cpu" and not provider_works(ep):
+        return f"{PRIMARY[ep]} is listed, but its libraries (CUDA/cuDNN/TensorRT) did not load"
+    return None
+
+
+def resolve_providers(requested, *, runtime: str = "ort", single: bool = False) -> ProviderChoice:
+    """What every command does with ``--ep``: each provider asked for by name must run here, else
+    :class:`BnfoldError` naming it (exit 2); ``auto`` takes what runs (with ``single``, the first of
+    cuda, cpu; else all of them) and records what it skipped, for the verdict line."""
+    req = [requested] if isinstance(requested, str) else list(requested)
+    if AUTO in req:
+        if req != [AUTO]:
+            raise BnfoldError(f"--ep {','.join(req)}: 'auto' stands alone (it takes whatever runs)")
+        eps, skipped = [], {}
+        for ep in AUTO_ORDER:
+            why = unavailable_reason(ep, runtime)
+            if why is None and not (single and eps):
+                eps.append(ep)
+            elif why is not None:
+                skipped[ep] = why
+        return ProviderChoice(eps if single else sorted(eps, key=["cpu", "cuda"].index), skipped)
+    for ep in req:
+        why = unavailable_reason(ep, runtime)
+        if why is not None:
+            raise BnfoldError(f"--ep {ep}: cannot run here ({why}); choose another provider, or --ep auto to "
+                              "use what runs (the verdict then names what was skipped)")
+    return ProviderChoice(req)
+
+
 _WORKS: dict[str, bool] = {}
 
 

@@ -7,11 +7,16 @@
   needs more is refused unless ``trust_pickle`` is set, because unpickling runs code from the file) or
   ``.safetensors``. A checkpoint may wrap the state dict under ``state_dict`` or ``model``; bnfold's own
   training checkpoints do.
+* Weights are never silent (:func:`choose_weights`): a spec without a weights file is refused unless random
+  weights are asked for explicitly (``random_weights``, for smoke tests); a zoo model without a file gets the
+  zoo's own weights (a seeded initialisation with randomized BN statistics), and the caller is told so.
+  Whatever was used is recorded as :class:`WeightsSource` (file and sha256, or seed) in every output.
 * Input shapes are ``1x3x224x224`` or ``NAME=1x3x224x224``, one per model input.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 import re
@@ -23,8 +28,104 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 MAX_INPUT_ELEMENTS = 2**31 - 1  # per input: beyond int32 indexing, and 8 GB of float32
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+RANDOM_SEED = 0  # the seed of --random-weights and of the zoo's own weights
+
+
+@dataclass
+class WeightsSource:
+    """Where a PyTorch model's weights came from: a ``file`` (with its sha256), ``random`` (the factory's
+    initialisation under ``torch.manual_seed(seed)``, asked for explicitly) or ``zoo`` (a zoo model's own
+    weights: the seeded initialisation with BN statistics randomized by :func:`bnfold.models.zoo.randomize_bn`,
+    so that folding them is not an identity)."""
+
+    kind: str
+    path: str | None = None
+    sha256: str | None = None
+    seed: int | None = None
+    statistics: str | None = None  # where the BN statistics came from, when known (a training checkpoint)
+
+    def describe(self) -> str:
+        if self.kind == "file":
+            return f"{self.path} (sha256 {self.sha256})"
+        if self.kind == "random":
+            return f"random, seed {self.seed}"
+        return f"the zoo's own: random, seed {self.seed}, BatchNorm statistics randomized (not trained)"
+
+    def statistics_source(self) -> str:
+        if self.statistics:
+            return self.statistics
+        if self.kind == "file":
+            return f"the weights file {self.path}"
+        if self.kind == "random":
+            return "the factory's initialisation (identity BatchNorm statistics unless the factory sets them)"
+        return f"randomized, seed {self.seed} (zoo.randomize_bn)"
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind, "weights": self.describe(), "statistics": self.statistics_source()}
+        if self.kind == "file":
+            d.update(path=self.path, sha256=self.sha256)
+        else:
+            d["seed"] = self.seed
+        return d
+
+
+def zoo_name(spec: str) -> str | None:
+    """The zoo model ``spec`` names (``small_resnet`` or ``bnfold.models.zoo:small_resnet``), else None."""
+    from bnfold.models import zoo
+
+    base = spec.partition("@")[0]
+    name = base.removeprefix("bnfold.models.zoo:")
+    return name if ":" not in name and name in zoo.names() else None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def choose_weights(spec: str, weights: str | Path | None = None, random_weights: bool = False) -> WeightsSource:
+    """The weights policy shared by every command that builds a PyTorch SPEC: a weights file (its sha256
+    recorded); random weights only when asked for; a zoo model's own weights by default (the caller says so);
+    anything else is refused naming both options. Raises :class:`BnfoldError`; reads only ``weights``."""
+    if weights is not None and random_weights:
+        raise BnfoldError("--weights and --random-weights exclude each other: give one")
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise BnfoldError(f"{p}: no such weights file")
+        stats = _checkpoint_statistics(p)
+        return WeightsSource("file", str(p), sha256_file(p), statistics=stats)
+    if random_weights:
+        return WeightsSource("random", seed=RANDOM_SEED)
+    if zoo_name(spec) is not None:
+        return WeightsSource("zoo", seed=RANDOM_SEED)
+    if ":" not in spec or not is_factory_spec(spec):
+        resolve_factory(spec)  # not a model at all: that error first (imports nothing)
+    raise BnfoldError(f"'{spec}' is a PyTorch model and no weights were given: pass --weights FILE (its state "
+                      "dict), or --random-weights to use a random initialisation on purpose (smoke tests only)")
+
+
+def _checkpoint_statistics(p: Path) -> str | None:
+    """Where a bnfold checkpoint's BN statistics came from (train/calibrate record it), else None."""
+    try:
+        from bnfold.train import read_checkpoint_config
+        config = read_checkpoint_config(p)
+    except BnfoldError:
+        return None
+    cal = (config or {}).get("calibration")
+    if not isinstance(cal, dict):
+        return None
+    data = cal.get("data") or (config or {}).get("data") or "unrecorded data"
+    samples = f" ({cal['samples']} samples)" if cal.get("samples") else ""
+    return f"{cal.get('method', 'algorithm2')} over {data}{samples}, recorded in the checkpoint"
 
 
 @dataclass
@@ -46,6 +147,13 @@ def parse_input_shape(text: str) -> InputSpec:
         raise BnfoldError(f"--input-shape '{text}': {math.prod(shape):.3g} elements is too large for an example "
                           f"input (at most {MAX_INPUT_ELEMENTS:,}); give the shape of one real input")
     return InputSpec(name or None, shape)
+
+
+def torch_message(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a torch exception's message, without the terminal escape sequences (bold, colours)
+    torch puts in some (``weights_only`` refusals): text for one error line, not for a terminal."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def is_factory_spec(text: str) -> bool:
@@ -117,15 +225,17 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = torch_message(exc)
+        if "Weights only load failed" in msg:
+            msg = "it pickles objects besides tensors"
         if not trust_pickle:
             raise BnfoldError(
-                f"{p}: refusing to load: it is not a weights-only checkpoint ({msg[:200]}). Loading it would run "
+                f"{p}: refusing to load: it is not a weights-only checkpoint ({msg}). Loading it would run "
                 "code from the file; if you trust it, pass --trust-pickle") from None
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise BnfoldError(f"{p}: cannot load checkpoint ({exc2})") from None
+            raise BnfoldError(f"{p}: cannot load checkpoint ({torch_message(exc2)})") from None
     return _unwrap_state_dict(obj, p)
 
 
@@ -202,29 +312,58 @@ def is_onnx_path(model: str) -> bool:
     return str(model).lower().endswith(".onnx") or Path(model).is_file()
 
 
-def load_torch_model(spec: str, *, weights: str | Path | None = None, trust_pickle: bool = False,
-                     input_shapes: list[str] | None = None) -> tuple[nn.Module, tuple, list[str] | None]:
+def load_torch_model(spec: str, *, weights: str | Path | WeightsSource | None = None, trust_pickle: bool = False,
+                     input_shapes: list[str] | None = None,
+                     random_weights: bool = False) -> tuple[nn.Module, tuple, list[str] | None]:
     """Build, load and put in eval mode the model named by ``spec``; return it with example inputs and the
-    input names from ``NAME=`` shapes (None when unnamed)."""
+    input names from ``NAME=`` shapes (None when unnamed). ``weights`` is a file or the
+    :class:`WeightsSource` :func:`choose_weights` returned; without one, :func:`choose_weights`' policy
+    applies (refused unless ``random_weights`` or a zoo model)."""
     if is_onnx_path(spec) and not Path(spec).exists():
         raise BnfoldError(f"{spec}: no such file")
-    model, default_shape = build_model(spec)
-    if weights is not None:
-        apply_weights(model, load_state_dict(weights, trust_pickle=trust_pickle), str(weights))
-    model.eval()
+    source = weights if isinstance(weights, WeightsSource) else choose_weights(spec, weights, random_weights)
+    model, default_shape = build_weighted(spec, source, trust_pickle=trust_pickle)
     specs = [parse_input_shape(s) for s in (input_shapes or [])]
     names = [s.name for s in specs] if specs and all(s.name for s in specs) else None
-    return model, example_inputs(specs, default_shape), names
+    inputs = example_inputs(specs, default_shape)
+    check_forward(model, inputs)
+    return model, inputs, names
 
 
-def build_variant(spec: str, shapes: list[InputSpec]) -> tuple[str, nn.Module, tuple]:
+def check_forward(model: nn.Module, inputs: tuple) -> None:
+    """Run ``model`` once on ``inputs`` (no grad): an input shape the model cannot take (a wrong channel
+    count) becomes a one-line :class:`BnfoldError` naming the shape, before any tracer prints its internals."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        msg = torch_message(exc, 300)
+        raise BnfoldError(f"the model cannot run on input shape {shapes}: {msg}; check --input-shape (the "
+                          "channel count, the spatial size)") from None
+
+
+def build_weighted(spec: str, source: WeightsSource, *, trust_pickle: bool = False) -> tuple[nn.Module, tuple | None]:
+    """The model ``spec`` with the weights ``source`` names, in eval mode, and its default input shape."""
+    model, default_shape = build_model(spec)
+    if source.kind == "file":
+        apply_weights(model, load_state_dict(source.path, trust_pickle=trust_pickle), str(source.path))
+    elif source.kind == "zoo":
+        from bnfold.models import zoo
+        zoo.randomize_bn(model, seed=source.seed)
+    return model.eval(), default_shape
+
+
+def build_variant(spec: str, shapes: list[InputSpec], weights: str | Path | WeightsSource | None = None, *,
+                  trust_pickle: bool = False, random_weights: bool = False) -> tuple[str, nn.Module, tuple]:
     """``SPEC`` (as built), ``SPEC@folded`` (BN folded at module level) or ``SPEC@nobn`` (BN replaced by
-    Identity: the latency floor no fold can beat); returns ``(spec, module in eval mode, first input shape)``."""
+    Identity: the latency floor no fold can beat); returns ``(spec, module in eval mode, first input shape)``.
+    ``weights``/``random_weights``: as :func:`choose_weights` (the same policy as every other command)."""
     base, _, variant = spec.partition("@")
     if variant not in ("", "folded", "nobn"):
         raise BnfoldError(f"'{spec}': unknown variant '@{variant}' (use @folded or @nobn)")
-    model, default_shape = build_model(base)
-    model.eval()
+    source = weights if isinstance(weights, WeightsSource) else choose_weights(base, weights, random_weights)
+    model, default_shape = build_weighted(base, source, trust_pickle=trust_pickle)
     return make_variant(spec, model, example_inputs(shapes, default_shape))
 
 

@@ -75,10 +75,12 @@ def prepare(data: Dataset, input_shape: tuple, *, layout: str = "nchw") -> tuple
     return torch.from_numpy(np.ascontiguousarray(fit_to_shape(x.numpy(), sample, layout=layout))), y
 
 
-def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    return perm[n_test:], perm[:n_test]
+def split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held-out)`` indices: :func:`bnfold.data.holdout_split`, the same whatever ``seed`` (the
+    training seed), so that ``--data digits`` elsewhere is the split `train` reported its test accuracy on."""
+    from bnfold.data import holdout_split
+
+    return holdout_split(n, test_fraction)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
@@ -116,6 +118,8 @@ def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: fl
         raise BnfoldError(f"learning rate {lr!r}: give a positive number")
     device = _device(device)
     if isinstance(data, str):
+        if data == "digits":
+            data = "digits:all"  # split below: the held-out part is what `--data digits` means elsewhere
         data = load_dataset(data, image_size=tuple(entry.input_shape[2:4]) if len(entry.input_shape) == 4 else None)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +158,7 @@ def train(name: str, data: Dataset | str = "digits", *, epochs: int = 10, lr: fl
     if calibrate:
         cal = population_statistics(model, (xtr[b] for b in batches(xtr, batch_size)))
     test_acc = accuracy(model, xte, yte)
-    config = {"model": name, "input_shape": list(entry.input_shape), "data": data.name, "epochs": epochs, "lr": lr,
+    config = {"model": name, "input_shape": list(entry.input_shape), "data": "digits" if data.name.startswith("digits:all") else data.name, "epochs": epochs, "lr": lr,
               "batch_size": batch_size, "seed": seed, "optimizer": optimizer, "test_fraction": test_fraction,
               "train_samples": len(tr), "test_samples": len(te), "test_accuracy": test_acc,
               "history": [asdict(h) for h in history],

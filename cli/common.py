@@ -120,17 +120,44 @@ def fold_options(f):
     return f
 
 
-def torch_model_options(f):
-    """How to build a PyTorch MODEL given as a factory spec."""
+def weights_options(f):
+    """--weights / --random-weights / --trust-pickle: the weights of a PyTorch SPEC, for every command that
+    builds one. Pass the values to :func:`resolve_weights` (the policy is the library's
+    :func:`bnfold.torch_io.choose_weights`)."""
     f = click.option("--trust-pickle", is_flag=True,
                      help="Load a .pt/.pth checkpoint that is not weights-only (this runs code from the file: "
                           "only for files you trust).")(f)
+    f = click.option("--random-weights", is_flag=True,
+                     help="Use the factory's random initialisation (seed 0) on purpose, for smoke tests; "
+                          "without --weights or this, a PyTorch SPEC is refused (zoo models have their own).")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                     help="State dict for a PyTorch SPEC: .pt/.pth (weights-only) or .safetensors; its sha256 "
+                          "is recorded in the outputs.")(f)
+    return f
+
+
+def resolve_weights(spec: str, weights, random_weights: bool):
+    """The :class:`bnfold.torch_io.WeightsSource` for ``spec`` (exit 2 naming --weights and --random-weights
+    when there is none). Announce it with :func:`weights_note` once the model is built."""
+    from bnfold.torch_io import choose_weights
+
+    return choose_weights(spec, weights, random_weights)
+
+
+def weights_note(spec: str, source) -> None:
+    """Say on stderr when a zoo model runs on its own (untrained) weights: never silent."""
+    if source is not None and source.kind == "zoo":
+        err_console.print(styled("note:", "yellow"), f"{spec}: no --weights given: using the zoo's own weights "
+                          f"(random initialisation, seed {source.seed}, BatchNorm statistics randomized; not "
+                          "trained)")
+
+
+def torch_model_options(f):
+    """How to build a PyTorch MODEL given as a factory spec."""
     f = click.option("--opset", type=int, default=None, help="ONNX opset for the export (default 18).")(f)
     f = click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
                      help="Shape of each model input (repeat for several inputs).")(f)
-    f = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-                     help="State dict for a PyTorch MODEL: .pt/.pth (weights-only) or .safetensors.")(f)
-    return f
+    return weights_options(f)
 
 
 def verify_options(f):
@@ -144,9 +171,11 @@ def verify_options(f):
     f = click.option("--atol", type=float, default=None,
                      help="Absolute tolerance for every element (a fixed tolerance instead of the rounding "
                           "budget; with --rtol alone atol follows the dtype).")(f)
-    f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="ONNX Runtime execution provider.")(f)
+    f = click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), default="cpu", show_default=True,
+                     help="ONNX Runtime execution provider; one that cannot run here is an error; 'auto': cuda "
+                          "where it runs, else cpu (the verdict names what was skipped).")(f)
     f = click.option("--data", metavar="digits|FILE.npz|DIR",
-                     help="Real inputs: the bundled digits, an .npz (arrays named after the inputs, optional "
-                          "'labels'), or an image folder (one subfolder per class).")(f)
+                     help="Real inputs: the bundled digits (the held-out split train reports on; digits:all "
+                          "for all), an .npz (arrays named after the inputs, optional 'labels'), or an image "
+                          "folder (one subfolder per class).")(f)
     return f

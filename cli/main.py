@@ -21,11 +21,19 @@ from .common import (
     fold_options,
     json_option,
     out_console,
+    resolve_weights,
     styled,
     torch_model_options,
     verify_options,
+    weights_note,
+    weights_options,
 )
 from .render import precision_table, report_table
+
+
+def resolve_providers(eps, **kwargs):
+    from bnfold.runtime import resolve_providers as resolve
+    return resolve(eps, **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -49,6 +57,11 @@ def layout_option(f):
     return click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
                         help="Layout of image arrays in an .npz --data: channels-first (nchw) or channels-last "
                              "(nhwc). Data that fits the model only after a transpose is refused.")(f)
+
+
+def _zoo_names() -> list[str]:
+    from bnfold.models import zoo
+    return zoo.names()
 
 
 def precision_options(f):
@@ -89,9 +102,29 @@ def _is_onnx(model: str) -> bool:
     return is_onnx_path(model)
 
 
-def _load_torch(model: str, weights, input_shape, trust_pickle):
+def _load_torch(model: str, source, input_shape, trust_pickle):
+    """``source``: the WeightsSource :func:`resolve_weights` chose."""
     from bnfold.torch_io import load_torch_model
-    return load_torch_model(model, weights=weights, trust_pickle=trust_pickle, input_shapes=list(input_shape))
+    loaded = load_torch_model(model, weights=source, trust_pickle=trust_pickle, input_shapes=list(input_shape))
+    weights_note(model, source)
+    return loaded
+
+
+def _weights_for(model: str, weights, random_weights: bool):
+    """The WeightsSource of a PyTorch MODEL; None for an ONNX MODEL, whose weights are in the file (a
+    --weights/--random-weights given with one would be ignored silently: refused)."""
+    if not _is_onnx(model):
+        return resolve_weights(model, weights, random_weights)
+    if weights is not None or random_weights:
+        flag = "--weights" if weights is not None else "--random-weights"
+        raise BnfoldError(f"{flag} applies to a PyTorch SPEC; {model} is an ONNX model, whose weights are in "
+                          "the file: drop the option")
+    return None
+
+
+def _provenance(model: str, source, **extra) -> dict:
+    from bnfold.provenance import provenance
+    return provenance(model, weights=source, **extra)
 
 
 def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: Path | None,
@@ -102,7 +135,7 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
     if json_mode:
         click.echo(strict_json(report.to_dict()))
     elif not click.get_current_context().meta.get("quiet") and report.entries:
-        con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm"))
+        con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm", con.width))
     prec = report.extra.get("precision")
     if prec and not json_mode and not click.get_current_context().meta.get("quiet"):
         con.print(precision_table(prec, all_layers=all_layers))
@@ -134,6 +167,9 @@ def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, i
       bnfold inspect model.onnx --json | jq '.entries[] | select(.status == "skipped")'
       bnfold inspect model.onnx --dtype fp16 --data digits
     """
+    if not model.exists() and (":" in str(model) or str(model) in _zoo_names()):
+        raise BnfoldError(f"inspect reads an .onnx file; '{model}' is a PyTorch model: see its plan with "
+                          f"'bnfold fold {model} --dry-run' (with --weights)")
     OutputPlan().read_model(model).read(data if dtype else None, "--data").check()
     loaded = _load_data(data, str(model), layout, _shapes(input_shape)) if data and dtype else None
     precision = _precision(dtype, io_dtype, strict_range, loaded, input_shape)
@@ -162,8 +198,8 @@ def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, i
 @json_option
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
-         no_check: bool, do_verify: bool, json_mode: bool, weights, input_shape, opset, trust_pickle,
-         ep, data, atol, rtol, batch, seed, layout, dtype, io_dtype, strict_range, **opts):
+         no_check: bool, do_verify: bool, json_mode: bool, weights, random_weights, input_shape, opset,
+         trust_pickle, ep, data, atol, rtol, batch, seed, layout, dtype, io_dtype, strict_range, **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -180,14 +216,17 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
+    source = _weights_for(model, weights, random_weights)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data if do_verify or dtype else None, "--data")
     plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
     plan.write(report_path, "--report").check()
     options = _options(**opts)
-    verify = None
+    verify, choice = None, None
     if do_verify and not dry_run:
-        verify = _verify_kwargs(model, output, input_shape, ep, data, atol, rtol, batch, seed, layout)
+        choice = resolve_providers(ep, single=True)
+        verify = _verify_kwargs(model, output, input_shape, choice.eps[0], data, atol, rtol, batch, seed, layout)
+
     precision = None
     if dtype:
         loaded = verify["data"] if verify and "data" in verify else \
@@ -197,13 +236,13 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
         report = fold_onnx_file(Path(model), output, options, dry_run=dry_run, check=not no_check,
                                 in_place=in_place, verify=verify, precision=precision)
     else:
-        torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
+        torch_model, inputs, names = _load_torch(model, source, input_shape, trust_pickle)
         _, report = fold_torch(torch_model, inputs, None if dry_run else output, options, opset=opset,
                                input_names=names, check=not no_check, dry_run=dry_run, verify=verify,
-                               precision=precision)
+                               precision=precision, provenance=_provenance(model, source))
     verdict = f"PLAN | {report.summary()}" if dry_run else f"FOLDED | {report.summary()} -> {output}"
     if "verify_verdict" in report.extra:
-        out_console(json_mode).print(report.extra["verify_verdict"], soft_wrap=True, markup=False)
+        out_console(json_mode).print(_with_note(report.extra["verify_verdict"], choice.note()), soft_wrap=True)
     _finish(report, json_mode=json_mode, verdict=verdict, model=model, report_path=report_path)
 
 
@@ -219,7 +258,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
 @json_option
 @common_options
 def export(model: str, output: Path, no_fold: bool, report_path: Path | None, json_mode: bool, weights,
-           input_shape, opset, trust_pickle, dtype, io_dtype, strict_range):
+           random_weights, input_shape, opset, trust_pickle, dtype, io_dtype, strict_range):
     """Export a PyTorch MODEL to ONNX (dynamic batch), folded by default, or with --no-fold as it is.
 
     \b
@@ -229,13 +268,14 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     """
     if _is_onnx(model):
         raise BnfoldError(f"{model} is already ONNX: use 'bnfold fold {model} -o OUT.onnx' to fold it")
+    source = resolve_weights(model, weights, random_weights)
     precision = _precision(dtype, io_dtype, strict_range, None, input_shape)
     if precision is not None and no_fold:
         raise click.UsageError("--dtype folds: it cannot be combined with --no-fold")
     OutputPlan().read(weights, "--weights").write_model(output, "-o").write(report_path, "--report").check()
-    torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
+    torch_model, inputs, names = _load_torch(model, source, input_shape, trust_pickle)
     _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold,
-                           precision=precision)
+                           precision=precision, provenance=_provenance(model, source))
     if no_fold:
         verdict = f"EXPORTED | BatchNorm kept ({report.extra['onnx_bn_kept']} BatchNormalization) -> {output}"
     else:
@@ -276,9 +316,8 @@ def _load_data(spec: str, onnx_path: str | None, layout: str = "nchw", input_sha
 @click.option("--max-samples", type=int, default=2000, show_default=True, help="Use at most this many data samples.")
 @click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
               help="Shape of each input (needed for dynamic dimensions other than the batch).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="State dict for a PyTorch REFERENCE (.pt/.pth weights-only, or .safetensors).")
-@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@weights_options
+
 @click.option("--strict", is_flag=True,
               help="Exit 1 when a pass proves little (PASSED (unproven: ...): dropping a BatchNorm would not "
                    "have been seen on these inputs).")
@@ -286,7 +325,7 @@ def _load_data(spec: str, onnx_path: str | None, layout: str = "nchw", input_sha
 @json_option
 @common_options
 def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, max_samples, input_shape, weights,
-           trust_pickle, strict, layout, json_mode: bool):
+           random_weights, trust_pickle, strict, layout, json_mode: bool):
     """Check that CANDIDATE (folded .onnx) computes what REFERENCE (the original) computes.
 
     REFERENCE is an .onnx file (run with ONNX Runtime's graph optimizations off, so the runtime cannot fold for
@@ -305,24 +344,33 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
     from bnfold.torch_io import parse_input_shape
     from bnfold.verify import verify as run_verify
 
+    source = _weights_for(reference, weights, random_weights)
+    choice = resolve_providers(ep, single=True)
+    ep = choice.eps[0]
     cand = load_model(candidate).model
     if _is_onnx(reference):
         ref = load_model(reference).model
     else:
-        ref, _, _ = _load_torch(reference, weights, input_shape, trust_pickle)
+        ref, _, _ = _load_torch(reference, source, input_shape, trust_pickle)
     shapes = [parse_input_shape(s) for s in input_shape]
     dataset = _load_data(data, cand, layout, shapes) if data else None
     result = run_verify(ref, cand, input_shapes=shapes, data=dataset, ep=ep, atol=atol, rtol=rtol, batch=batch,
                         seed=seed, max_samples=max_samples)
     con = out_console(json_mode)
     if json_mode:
-        click.echo(strict_json(result.to_dict()))
+        from bnfold import provenance as prov
+        report = result.to_dict()
+        report["provenance"] = {  # what was compared: each model's own record, else what it is
+            "reference": prov.read(ref) or _provenance(reference, source) if source is None else
+            _provenance(reference, source),
+            "candidate": prov.read(cand) or prov.provenance(str(candidate))}
+        click.echo(strict_json(report))
     elif not click.get_current_context().meta.get("quiet"):
         from .render import verify_table
-        con.print(verify_table(result))
+        con.print(verify_table(result, con.width))
     for note in result.notes:
         con.print(styled("note:", "yellow"), note)
-    con.print(result.verdict())
+    con.print(_with_note(result.verdict(), choice.note()))
     sys.exit(EXIT_OK if result.passed and not (strict and result.unproven) else EXIT_FAILED)
 
 
@@ -347,8 +395,10 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--ep", "eps", default="cpu", show_default=True, callback=_csv("provider", ("cpu", "cuda", "tensorrt")),
-              help="Comma-separated execution providers (ORT) or devices (torch: cpu, cuda).")
+@click.option("--ep", "eps", default="cpu", show_default=True,
+              callback=_csv("provider", ("cpu", "cuda", "tensorrt", "auto")),
+              help="Comma-separated execution providers (ORT) or devices (torch: cpu, cuda); one that cannot run "
+                   "here is an error; 'auto': every one that runs (cpu, cuda), naming the others.")
 @click.option("--opt-level", "opt_levels", default="all", show_default=True,
               callback=_csv("level", ("off", "basic", "extended", "all")),
               help="Comma-separated ORT graph optimization levels. ORT folds Conv+BN itself from 'basic' on.")
@@ -371,9 +421,9 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let ORT's intra-op threads spin between runs (off: idle sessions do not steal the cores).")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
-              help="Name a difference only beyond this fraction (and when its 95%% interval excludes 1).")
+              help="Name a difference only beyond this fraction (and when its 95% interval excludes 1).")
 @click.option("--aa", is_flag=True, help="Self-check: time MODEL against copies of itself (disjoint pairs); report "
-              "how often the 95%% interval excludes 1 (exit 1 if improbably often or rarely for 5%%).")
+              "how often the 95% interval excludes 1 (exit 1 if improbably often or rarely for 5%).")
 @click.option("--aa-copies", type=click.IntRange(2, 16), default=4, show_default=True, help="Copies for --aa.")
 @click.option("--aa-repeats", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Separate benchmarks for --aa.")
@@ -389,17 +439,15 @@ def _csv(kind: str, allowed: tuple | None = None, cast=str):
               help="torch runtime: torch.compile the modules (MODE: default, reduce-overhead, max-autotune).")
 @click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
               help="Shape of each input when it has dynamic dimensions besides the batch.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="torch runtime: state dict for the PyTorch specs (.pt/.pth weights-only, or .safetensors).")
-@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@weights_options
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
 @json_option
 @common_options
 def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_time, duration, threads, spin,
           min_effect, aa, aa_copies, aa_repeats, io_binding, cuda_graph, ep_option, runtime, compile_mode,
-          input_shape, weights, trust_pickle, plot_path, json_mode):
+          input_shape, weights, random_weights, trust_pickle, plot_path, json_mode):
     """Time MODELS side by side on each provider / optimization level / batch, in several fresh sessions of
-    balanced order, with p50/p90/p99, 95% intervals (hierarchical bootstrap over sessions and runs) and the
+    balanced order, with p50/p90/p99, 95% intervals (over sessions: t on the per-session estimates) and the
     ratio of every model to the first; a difference is named only when its interval supports it.
 
     \b
@@ -417,8 +465,9 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
 
     from .progress import BenchDisplay
 
-    if weights is not None and runtime != "torch":
-        raise BnfoldError("--weights is for PyTorch specs (--runtime torch); an .onnx file holds its own weights")
+    if (weights is not None or random_weights) and runtime != "torch":
+        flag = "--weights" if weights is not None else "--random-weights"
+        raise BnfoldError(f"{flag} is for PyTorch specs (--runtime torch); an .onnx file holds its own weights")
     plan = OutputPlan().read(weights, "--weights")
     for m in models if runtime == "ort" else ():
         plan.read_model(m, f"model {m}")
@@ -430,16 +479,23 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
         if not sep or not key:
             raise BnfoldError(f"--ep-option '{item}': expected KEY=VALUE, e.g. prefer_nhwc=1")
         ep_options[key] = value
+    choice = resolve_providers(eps, runtime=runtime)  # exit 2 naming a provider that cannot run, or --ep auto
+    eps = choice.eps
     if runtime == "ort":
         for m in models:
             if not Path(m).is_file():
                 raise BnfoldError(f"{m}: no such .onnx file (use --runtime torch for PyTorch specs)")
+            from bnfold.filetype import not_onnx_message
+            if (msg := not_onnx_message(m)) is not None:
+                raise BnfoldError(msg)
         targets = list(models)
     else:
         from bnfold.torch_io import make_variant
         targets = []
         for m in models:
-            module, inputs, _ = _load_torch(m.partition("@")[0], weights, input_shape, trust_pickle)
+            base = m.partition("@")[0]
+            source = resolve_weights(base, weights, random_weights)
+            module, inputs, _ = _load_torch(base, source, input_shape, trust_pickle)
             targets.append(make_variant(m, module, inputs))
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
@@ -472,7 +528,8 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
     for s in run.skipped:
         con.print(styled("skipped", "yellow"), f"{s['ep']} (opt {s['opt_level']}, batch {s['batch']}): {s['reason']}")
     from bnfold.bench import headline
-    summary = "; ".join(x for x in (f"{len(run.results)} measurement(s), {len(run.skipped)} skipped", headline(run)) if x)
+    summary = "; ".join(x for x in (f"{len(run.results)} measurement(s), {len(run.skipped)} skipped", headline(run),
+                                    choice.note()) if x)
     con.print(f"DONE | {summary}", soft_wrap=True, markup=False)
     sys.exit(EXIT_OK)
 
@@ -482,13 +539,16 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (.safetensors, or .pt/.pth weights-only).")
 @click.option("--data", default="digits", show_default=True, metavar="digits|FILE.npz|DIR",
-              help="Training data: the bundled digits, an .npz with x and y, or an image folder.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+              help="Training data: the bundled digits, an .npz with x and y, or an image folder; 20% is held "
+                   "out for the test accuracy (for digits, the split --data digits means elsewhere).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passes over the training split.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Mini-batch size (at least 2: BatchNorm needs two samples).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initialisation and the batch order (the held-out split is fixed, whatever the seed).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
               help="SGD with momentum 0.9, or Adam.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -545,21 +605,20 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write with the new statistics (.safetensors or .pt/.pth).")
-@click.option("--data", required=True, metavar="digits|FILE.npz|DIR", help="Calibration (training) data.")
+@click.option("--data", required=True, metavar="digits|FILE.npz|DIR",
+              help="Calibration (training) data; digits is the training split train uses (digits:all for all).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Mini-batch size (Algorithm 2's m; at least 2).")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Use at most this many batches.")
 @click.option("--pooled", is_flag=True, help="Exact pooled variance of all values instead of Algorithm 2.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="State dict for MODEL (.pt/.pth weights-only, or .safetensors).")
 @click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
               help="Model input shape (default: the model's, or the --data samples' shape).")
-@click.option("--trust-pickle", is_flag=True, help="Load a .pt/.pth checkpoint that is not weights-only.")
+@weights_options
 @layout_option
 @json_option
 @common_options
-def calibrate(model, output, data, batch_size, max_batches, pooled, weights, input_shape, trust_pickle, layout,
-              json_mode):
+def calibrate(model, output, data, batch_size, max_batches, pooled, weights, random_weights, input_shape,
+              trust_pickle, layout, json_mode):
     """Recompute every BN's population statistics of MODEL over --data (Algorithm 2), write a checkpoint.
 
     BNs normalise with their mini-batch statistics, as in training; every other layer is in eval mode
@@ -575,10 +634,16 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise BnfoldError(f"{output}: checkpoints are .safetensors (recommended) or .pt/.pth")
+    if _is_onnx(model):
+        from bnfold.filetype import not_onnx_message
+        raise BnfoldError(not_onnx_message(model) or f"{model}: calibrate needs the PyTorch model (SPEC with "
+                          "--weights), not an ONNX file: the statistics are recomputed by running it in PyTorch")
+    source = resolve_weights(model, weights, random_weights)
     OutputPlan().read(weights, "--weights").read(data, "--data").write(output, "-o").check()
-    torch_model, result, config = calibrate_spec(model, data, weights=weights, trust_pickle=trust_pickle,
+    torch_model, result, config = calibrate_spec(model, data, weights=source, trust_pickle=trust_pickle,
                                                  input_shapes=list(input_shape), batch_size=batch_size,
                                                  max_batches=max_batches, pooled=pooled, layout=layout)
+    weights_note(model, source)
     save_checkpoint(torch_model, output, config)
     if json_mode:
         click.echo(strict_json(config["calibration"]))
@@ -592,9 +657,15 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
     sys.exit(EXIT_OK)
 
 
+def _with_note(verdict: str, note: str) -> str:
+    """The verdict line, with what --ep auto skipped appended."""
+    return f"{verdict}; {note}" if note else verdict
+
+
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
               batches, threads, json_mode, extra=None, min_effect=0.02, dtype=None, io_dtype=False,
-              strict_range=False):
+              strict_range=False, provenance=None):
+    """``eps``: the :class:`bnfold.runtime.ProviderChoice` to verify and benchmark on."""
     from bnfold.pipeline import RunOptions, run_pipeline
 
     con = out_console(json_mode)
@@ -605,12 +676,12 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
             con.print(styled(f"- {msg}", "dim"))
     from .progress import BenchDisplay
 
-    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect, dtype=dtype,
+    options = RunOptions(eps=eps.eps, eps_skipped=eps.skipped, batches=batches, iters=iters, threads=threads, min_effect=min_effect, dtype=dtype,
                          io_dtype=io_dtype, strict_range=strict_range)
     with BenchDisplay(con, bool(quiet), prefix="  ") as display:
         report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                               calibrate_batches=calibrate_batches, options=options, extra=extra, step=step,
-                              bench_hooks=display.hooks())
+                              bench_hooks=display.hooks(), provenance=provenance)
     from bnfold.pipeline import run_verdict
 
     if json_mode:
@@ -624,24 +695,30 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.argument("model")
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for original.onnx, folded.onnx, report.json, report.md and latency.png.")
-@click.option("--data", metavar="digits|FILE.npz|DIR", help="Labelled data for verification and accuracy.")
+@click.option("--data", metavar="digits|FILE.npz|DIR",
+              help="Labelled data for verification and accuracy; digits is the held-out split train reports on "
+                   "(digits:all for all 1,797 samples).")
 @click.option("--calibrate-data", metavar="digits|FILE.npz|DIR",
-              help="Recalibrate BN statistics (Algorithm 2) on this data before folding (PyTorch models).")
-@click.option("--ep", "eps", default="cpu", show_default=True, callback=_csv("provider", ("cpu", "cuda", "tensorrt")),
-              help="Comma-separated execution providers to verify and benchmark on.")
-@click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int))
+              help="Recalibrate BN statistics (Algorithm 2) on this data before folding (PyTorch models); digits "
+                   "is the training split.")
+@click.option("--ep", "eps", default="cpu", show_default=True,
+              callback=_csv("provider", ("cpu", "cuda", "tensorrt", "auto")),
+              help="Comma-separated execution providers to verify and benchmark on; one that cannot run here is "
+                   "an error; 'auto': every one that runs (cpu, cuda), the verdict naming the others.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_csv("batch size", cast=int),
+              help="Comma-separated batch sizes to benchmark (verification runs on the data's or random inputs).")
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
               help="Benchmark rounds per setting in all (each model once per round), over about sqrt(ITERS) sessions.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for the benchmark.")
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
-              help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")
+              help="Name a latency difference only beyond this fraction (and when its 95% interval excludes 1).")
 @precision_options
 @torch_model_options
 @layout_option
 @json_option
 @common_options
-def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, input_shape, opset, layout,
-        trust_pickle, json_mode, dtype, io_dtype, strict_range):
+def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, random_weights,
+        input_shape, opset, layout, trust_pickle, json_mode, dtype, io_dtype, strict_range):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -652,22 +729,27 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     from bnfold.pipeline import FILES, prepare_run
 
     _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
+    source = _weights_for(model, weights, random_weights)
+    eps = resolve_providers(eps)
+
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
     plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
-    r = prepare_run(model, data=data, calibrate_data=calibrate_data, weights=weights, input_shapes=list(input_shape),
+    r = prepare_run(model, data=data, calibrate_data=calibrate_data, weights=source, input_shapes=list(input_shape),
                     trust_pickle=trust_pickle, layout=layout)
+    weights_note(model, source)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
                        threads=threads, json_mode=json_mode, min_effect=min_effect, dtype=dtype,
-                       io_dtype=io_dtype, strict_range=strict_range))
+                       io_dtype=io_dtype, strict_range=strict_range, provenance=r.provenance))
 
 
 @main.command()
 @click.option("-o", "--outdir", default="bnfold-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the demo's files.")
 @click.option("--model", "name", default="small_resnet", show_default=True, help="Zoo model to train.")
-@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Training passes over the digits' training split.")
 @json_option
 @common_options
 def demo(outdir, name, epochs, json_mode):
@@ -682,7 +764,6 @@ def demo(outdir, name, epochs, json_mode):
 
     from bnfold.models import zoo
     from bnfold.pipeline import FILES, digits_for
-    from bnfold.runtime import provider_works
     from bnfold.train import train
 
     OutputPlan().write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
@@ -692,10 +773,14 @@ def demo(outdir, name, epochs, json_mode):
         con.print(styled(f"- training {name} on the bundled digits ({epochs} epochs)", "dim"))
     result = train(name, "digits", epochs=epochs, lr=0.05, device="cpu")
     shape = zoo.get(name).input_shape
-    eps = ["cpu"] + (["cuda"] if provider_works("cuda") else [])
+    eps = resolve_providers("auto")  # cpu, and cuda where it runs (the verdict names it when skipped)
+    from bnfold.provenance import provenance
+    t = result.config
+    prov = provenance(name, weights=f"trained by bnfold demo ({t['epochs']} epochs on {t['data']}, seed {t['seed']})",
+                      statistics=f"Algorithm 2 over the training split ({t['train_samples']} samples)")
     sys.exit(_run_flow(result.model, outdir, f"{name} (demo, trained on digits)", inputs=(torch.zeros(shape),),
                        data=digits_for(shape), eps=eps, iters=200, batches=[1], threads=None, json_mode=json_mode,
-                       extra={"training": result.config}))
+                       extra={"training": result.config}, provenance=prov))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,11 +14,33 @@ def cell(value, style: str | None = None) -> Text:
     return Text(printable("" if value is None else value), style=style or "")
 
 
-def report_table(report: FoldReport, title: str) -> Table:
-    """One row per BatchNorm (and folded affine op): what happened and, for skips, why."""
-    table = Table(title=cell(title), title_justify="left")
-    table.add_column("node", overflow="fold")
-    table.add_column("action", overflow="fold")
+def shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, on one line: a path becomes its file name, and what is still
+    too long keeps its start and end around an ellipsis (``small_re…ded.onnx``), so no cell wraps a name."""
+    text = printable(name)
+    if len(text) > width and ("/" in text or "\\" in text):
+        text = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or text
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    head = width // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
+
+
+def _name_width(console_width: int, others: int, longest: int, floor: int = 12) -> int:
+    """Room for a name column: what the console leaves after the other columns, at least ``floor``."""
+    return max(floor, min(longest, console_width - others))
+
+
+def report_table(report: FoldReport, title: str, width: int = 80) -> Table:
+    """One row per BatchNorm (and folded affine op): what happened and, for skips, why. Names that do not fit
+    ``width`` are shortened (:func:`shorten`), never wrapped."""
+    table = Table(title=cell(shorten(title, width)), title_justify="left")
+    room = max(12, (width - 13) // 3)  # node and target share what the borders and the reason code leave
+    table.add_column("node", no_wrap=True, max_width=room)
+    table.add_column("action", no_wrap=True, max_width=room + 12)
     table.add_column("reason", no_wrap=True)
     table.add_column("why", overflow="fold", ratio=1)
     for e in report.entries:
@@ -27,22 +49,43 @@ def report_table(report: FoldReport, title: str) -> Table:
         if e.op in AFFINE_OPS + MERGE_OPS:
             name += f" ({e.op})"
         if e.status == "folded":
-            table.add_row(cell(name), cell(f"{e.direction} → {e.into_layer or e.into}", "green"), "", "")
+            table.add_row(cell(shorten(name, room)),
+                          cell(f"{e.direction} → {shorten(e.into_layer or e.into or '', room)}", "green"), "", "")
         else:
-            table.add_row(cell(name), cell("skipped", "yellow"), cell(e.reason), cell(e.message))
+            table.add_row(cell(shorten(name, room)), cell("skipped", "yellow"), cell(e.reason), cell(e.message))
     return table
 
 
-def verify_table(result) -> Table:
-    """Per-output agreement of a verify run (failing outputs in red)."""
-    table = Table(title=cell(f"verify: {result.samples} samples ({result.inputs})"), title_justify="left")
-    table.add_column("output", overflow="fold")
-    for col in ("max_abs", "mean_abs", "p99_abs", "max_rel", "cosine", "atol", "rtol"):
-        table.add_column(col, justify="right")
-    for name, s in result.outputs.items():
-        table.add_row(cell(name), f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.p99_abs:.2e}", f"{s.max_rel:.2e}",
-                      f"{s.cosine:.6f}", f"{s.atol:.0e}", f"{s.rtol:.0e}", style=None if s.passed else "red")
+def verify_table(result, width: int = 80) -> Table:
+    """Per-output agreement of a verify run (failing outputs in red). Numbers never wrap or get cut: the
+    table is compact (one space between columns), output names that do not fit are shortened
+    (:func:`shorten`), and where even the numbers do not fit the tolerance columns go first (the verdict line
+    states the tolerance), then mean_abs and p99_abs."""
+    from rich import box
+
+    cols = ["max_abs", "mean_abs", "p99_abs", "max_rel", "cosine", "atol", "rtol"]
+    rows = [(name, {"max_abs": f"{s.max_abs:.2e}", "mean_abs": f"{s.mean_abs:.2e}", "p99_abs": f"{s.p99_abs:.2e}",
+                    "max_rel": f"{s.max_rel:.2e}", "cosine": _cos(s.cosine), "atol": f"{s.atol:.0e}",
+                    "rtol": f"{s.rtol:.0e}"}, s.passed) for name, s in result.outputs.items()]
+    widths = {c: max([len(c)] + [len(r[1][c]) for r in rows]) for c in cols}
+    longest = max([6] + [len(printable(n)) for n, _, _ in rows])
+    for drop in ("atol", "rtol", "mean_abs", "p99_abs"):
+        if width - sum(widths[c] + 1 for c in cols) >= min(longest, 12):
+            break
+        cols.remove(drop)
+    room = _name_width(width, sum(widths[c] + 1 for c in cols), longest, floor=6)
+    table = Table(title=cell(f"verify: {result.samples} samples ({result.inputs})"), title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
+    table.add_column("output", no_wrap=True, max_width=room)
+    for col in cols:
+        table.add_column(col, justify="right", no_wrap=True, min_width=widths[col])
+    for name, values, passed in rows:
+        table.add_row(cell(shorten(name, room)), *(values[c] for c in cols), style=None if passed else "red")
     return table
+
+
+def _cos(c) -> str:
+    return "NaN" if c is None or c != c else f"{c:.6f}"
 
 
 def _ms(x: float, ref: float) -> str:
@@ -50,6 +93,13 @@ def _ms(x: float, ref: float) -> str:
     import math
 
     return f"{x:.{max(0, 3 - math.floor(math.log10(ref))) if ref > 0 else 3}f}"
+
+
+def _runtime_version(cfg: dict, env: dict) -> str:
+    """The runtime that was timed, with its version: torch for ``--runtime torch``, else ONNX Runtime."""
+    if cfg.get("runtime") == "torch":
+        return f"torch {env.get('torch')}" + (f" ({cfg['compile_mode']})" if cfg.get("compile_mode") else "")
+    return f"ONNX Runtime {env.get('onnxruntime')}"
 
 
 def bench_table(run, width: int = 80) -> Table:
@@ -102,7 +152,7 @@ def bench_table(run, width: int = 80) -> Table:
     cfg = run.config
     table.caption = cell(
         f"setting: provider, opt level, batch. {env.get('cpu')} ({env.get('cpu_count')} cores)"
-        + (f", {env['gpu']}" if env.get("gpu") else "") + f"; ORT {env.get('onnxruntime')}; {cfg['sessions']} "
+        + (f", {env['gpu']}" if env.get("gpu") else "") + f"; {_runtime_version(cfg, env)}; {cfg['sessions']} "
         f"sessions of >= {cfg['rounds_per_session']} rounds and >= {cfg.get('min_session_s')} s"
         + (f" ({cfg['duration_s']} s in all)" if cfg.get("duration_s") else "")
         + f", warm-up {cfg['warmup']}, threads {cfg['threads'] or 'default'}, spinning {'on' if cfg.get('spin') else 'off'}; "

@@ -410,15 +410,15 @@ def test_cli_unavailable_provider_only_is_exit_2(models):
     assert r.exit_code == 2 and r.output.startswith("error:")
 
 
-def test_cli_missing_provider_is_skipped_when_another_runs(models):
+def test_cli_missing_provider_in_a_list_is_exit_2_naming_it(models):
+    """One policy in every command (issue 22): a provider asked for by name must run; --ep auto takes what runs."""
     r = CliRunner().invoke(main, ["bench", str(models / "orig.onnx"), "--ep", "cpu,tensorrt", "--iters", "3",
                                   "--warmup", "0", "--session-time", "0", "--json"])
     from bnfold.runtime import provider_works
     if provider_works("tensorrt"):
         pytest.skip("TensorRT really runs here")
-    assert r.exit_code == 0, r.output
-    data = json.loads(r.stdout)
-    assert [s["ep"] for s in data["skipped"]] == ["tensorrt"] and data["results"][0]["ep"] == "cpu"
+    assert r.exit_code == 2 and "--ep tensorrt" in r.output and "--ep auto" in r.output, r.output
+    assert r.stdout == ""
 
 
 def test_cli_torch_runtime_variants():

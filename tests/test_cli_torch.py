@@ -75,10 +75,10 @@ def test_bad_torch_inputs_exit_2(trained, tmp_path, case):
     out = tmp_path / "f.onnx"
     args = {
         "keys": ["fold", "bnfold.models.zoo:mobilenet", "--weights", d / "w.pt", "-o", out],
-        "import": ["fold", "no_such_pkg.models:net", "-o", out],
-        "attr": ["fold", "bnfold.models.zoo:no_such_net", "-o", out],
+        "import": ["fold", "no_such_pkg.models:net", "--random-weights", "-o", out],
+        "attr": ["fold", "bnfold.models.zoo:no_such_net", "--random-weights", "-o", out],
         "shape": ["fold", SPEC, "--input-shape", "1x3xAx32", "-o", out],
-        "not_module": ["fold", "bnfold.models.zoo:names", "-o", out],
+        "not_module": ["fold", "bnfold.models.zoo:names", "--random-weights", "-o", out],
         "train_spec": ["fold", "unknown_zoo_name", "-o", out],
     }[case]
     r = run(*args)
@@ -91,5 +91,5 @@ def test_bad_torch_inputs_exit_2(trained, tmp_path, case):
 
 
 def test_factory_without_default_shape_needs_input_shape(tmp_path):
-    r = run("fold", "torch.nn:Identity", "-o", tmp_path / "f.onnx")
+    r = run("fold", "torch.nn:Identity", "--random-weights", "-o", tmp_path / "f.onnx")
     assert r.exit_code == 2 and "--input-shape" in r.output

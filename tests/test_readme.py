@@ -44,12 +44,14 @@ def test_quick_start_runs_as_written(workdir):
     lines = [ln for b in blocks("Quick start", "bash") for ln in b.strip().splitlines()
              if not ln.startswith("pip ")]  # the package is installed already
     assert any(ln.startswith("bnfold fold") for ln in lines) and any(ln.startswith("bnfold demo") for ln in lines)
+    said = ""
     for line in lines:
         p = shell(line, workdir)
         assert p.returncode == 0, f"{line}\n{p.stdout}\n{p.stderr}"
+        said += p.stdout + p.stderr
     assert (workdir / "small_resnet_folded.onnx").exists() and (workdir / "fold_report.json").exists()
     verdict = re.search(r"`(FOLDED \| [^`]*)`", section("Quick start")).group(1)
-    assert verdict in p.stdout + p.stderr
+    assert verdict in said
 
 
 def test_command_examples_run(workdir):

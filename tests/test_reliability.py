@@ -381,7 +381,7 @@ def test_factory_calling_sys_exit_is_an_error(tmp_path, monkeypatch, body):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("exiting_factory", None)
     before = snapshot(tmp_path)
-    r = run("fold", "exiting_factory:build", "--input-shape", "1x4", "-o", tmp_path / "f.onnx")
+    r = run("fold", "exiting_factory:build", "--random-weights", "--input-shape", "1x4", "-o", tmp_path / "f.onnx")
     assert_bad_input(r, {k: v for k, v in before.items()}, tmp_path, "sys.exit")
 
 

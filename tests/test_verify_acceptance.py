@@ -73,9 +73,9 @@ def built(tmp_path_factory):
     out = {}
     for key, (spec, shape, _) in MODELS.items():
         ref, torch_folded = d / f"{key}_orig.onnx", d / f"{key}_torch.onnx"
-        r = cli("export", spec, "--no-fold", "--input-shape", shape, "-o", ref, "-q")
+        r = cli("export", spec, "--random-weights", "--no-fold", "--input-shape", shape, "-o", ref, "-q")
         assert r.exit_code == 0, r.output
-        r = cli("fold", spec, "--input-shape", shape, "-o", torch_folded, "-q")
+        r = cli("fold", spec, "--random-weights", "--input-shape", shape, "-o", torch_folded, "-q")
         assert r.exit_code == 0, r.output
         onnx_folded = d / f"{key}_onnx.onnx"
         r = cli("fold", ref, "-o", onnx_folded, "-q")

@@ -209,13 +209,13 @@ def test_calibrate_takes_the_input_shape_from_data(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((10, 3, 12, 12)).astype(np.float32))
     out = tmp_path / "c.pt"
-    r = cli("calibrate", "tests.test_verify_edges:net_without_default_shape", "--data", tmp_path / "d.npz",
+    r = cli("calibrate", "tests.test_verify_edges:net_without_default_shape", "--random-weights", "--data", tmp_path / "d.npz",
             "-o", out, "--batch-size", "5", "--json")
     assert r.exit_code == 0, r.output
     cal = json.loads(r.stdout)
     assert cal["input_shape"] == [1, 3, 12, 12] and cal["samples"] == 10 and cal["batches"] == 2
     np.savez(tmp_path / "h.npz", x=rng.standard_normal((10, 12, 12, 3)).astype(np.float32))
-    r = cli("calibrate", "tests.test_verify_edges:net_without_default_shape", "--data", tmp_path / "h.npz",
+    r = cli("calibrate", "tests.test_verify_edges:net_without_default_shape", "--random-weights", "--data", tmp_path / "h.npz",
             "-o", out, "--layout", "nhwc", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["input_shape"] == [1, 3, 12, 12], r.output
 
@@ -427,8 +427,9 @@ def mixed_levels():
 
 def test_localizer_with_folds_at_both_levels(tmp_path):
     spec = "tests.test_verify_edges:mixed_levels"
-    assert cli("export", spec, "--no-fold", "--input-shape", "2x3x8x8", "-o", tmp_path / "o.onnx", "-q").exit_code == 0
-    r = cli("fold", spec, "--input-shape", "2x3x8x8", "-o", tmp_path / "f.onnx", "--json")
+    assert cli("export", spec, "--random-weights", "--no-fold", "--input-shape", "2x3x8x8", "-o", tmp_path / "o.onnx",
+               "-q").exit_code == 0
+    r = cli("fold", spec, "--random-weights", "--input-shape", "2x3x8x8", "-o", tmp_path / "f.onnx", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["folded"] == 2, r.output
     from .test_verify_acceptance import corrupt
     assert cli("verify", tmp_path / "o.onnx", tmp_path / "f.onnx", "-q").exit_code == 0
