@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = None) -> FoldReport:
     """What folding ``path`` would do to each BatchNorm; writes nothing."""
-    loaded = load_model(path)
-    return fold_model(loaded.model, options, dry_run=True, name=str(path), source_path=path)[1]
+    with load_model(path, skeleton=True) as loaded:
+        return fold_model(loaded.model, options, dry_run=True, name=str(path),
+                          source_path=None if loaded.source is not None else path)[1]
 
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
@@ -42,25 +43,32 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
         # the output (and the old data files its write removes) must not be the input or its external data
         OutputPlan().read_model(src_p).write_model(dst_p, "output", in_place=in_place).check()
-    loaded = load_model(src_p)
-    # without --verify the original is not needed again: fold the loaded model in place (no copy)
-    folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
-                                source_path=src_p)
-    if dry_run:
-        return report
-    if verify:
-        _verify_or_raise(loaded.model, folded, report, verify)
-    external = loaded.external_data
-    del loaded  # the original is no longer needed: free it before serializing the result
-    _release_memory()
-    warnings: list[str] = []
-    validate = folded_checker(src_p, str(src_p), warnings) if check else None
-    save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
+    with load_model(src_p, skeleton=True) as loaded:
+        # the file is read once: large tensors stay in it (a skeleton, bnfold.protofile) and are read on demand
+        source_path = None if loaded.source is not None else src_p  # a skeleton is checked as is
+        # without --verify the original is not needed again: fold the loaded model in place (no copy)
+        folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
+                                    source_path=source_path)
+        if dry_run:
+            return report
+        if verify:
+            if loaded.source is not None:
+                reference, candidate = loaded.source.materialize(), loaded.source.materialize(folded)
+            else:
+                reference, candidate = loaded.model, folded
+            _verify_or_raise(reference, candidate, report, verify)
+            del reference, candidate
+        external = loaded.external_data
+        if loaded.source is None:
+            loaded.model = None  # the original is no longer needed: free it before serializing the result
+            _release_memory()
+        warnings: list[str] = []
+        validate = folded_checker(src_p, str(src_p), warnings) if check else None
+        save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
     if warnings:
         report.extra["warnings"] = warnings
     report.extra["output"] = str(dst_p)
     return report
-
 
 
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,

@@ -296,7 +296,7 @@ def prepare_run(model: str, *, data: str | None = None, calibrate_data: str | No
     model (``layout``: how .npz arrays are laid out); raises :class:`BnfoldError` on bad input, writes
     nothing."""
     from bnfold.data import load_for_model
-    from bnfold.torch_io import is_onnx_path, load_torch_model
+    from bnfold.specs import is_onnx_path
 
     if is_onnx_path(model):
         from bnfold.onnx_io import load_model
@@ -306,6 +306,7 @@ def prepare_run(model: str, *, data: str | None = None, calibrate_data: str | No
         proto = load_model(model).model
         dataset = load_data_for(data, proto, layout=layout) if data else None
         return RunInputs(proto, Path(model).name, data=dataset)
+    from bnfold.torch_io import load_torch_model
     torch_model, inputs, names = load_torch_model(model, weights=weights, trust_pickle=trust_pickle,
                                                   input_shapes=list(input_shapes or []))
     shapes = [(n, tuple(x.shape)) for n, x in zip(names or [None] * len(inputs), inputs)]

@@ -56,7 +56,7 @@ def _options(lower_standalone: bool, no_forward: bool, no_affine: bool) -> FoldO
 
 
 def _is_onnx(model: str) -> bool:
-    from bnfold.torch_io import is_onnx_path
+    from bnfold.specs import is_onnx_path
     return is_onnx_path(model)
 
 
@@ -183,7 +183,7 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
 
 
 def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed, layout) -> dict:
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
 
     kwargs = dict(input_shapes=[parse_input_shape(s) for s in input_shape], ep=ep, atol=atol, rtol=rtol,
                   batch=batch, seed=seed)
@@ -231,7 +231,7 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
       bnfold verify small_resnet folded.onnx --weights ckpt.safetensors --ep cuda
     """
     from bnfold.onnx_io import load_model
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
     from bnfold.verify import verify as run_verify
 
     cand = load_model(candidate).model
@@ -336,7 +336,7 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
 
     from bnfold.bench import bench as run_bench
     from bnfold.bench import plot
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
 
     plan = OutputPlan()
     for m in models if runtime == "ort" else ():
