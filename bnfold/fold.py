@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from bnfold import protofile
 from bnfold.check import folded_checker
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold import FoldOptions, fold_model
@@ -43,7 +44,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
         # the output (and the old data files its write removes) must not be the input or its external data
         OutputPlan().read_model(src_p).write_model(dst_p, "output", in_place=in_place).check()
-    with load_model(src_p, skeleton=True) as loaded:
+    with load_model(src_p, skeleton=True) as loaded, protofile.deferred_tensors():
         # the file is read once: large tensors stay in it (a skeleton, bnfold.protofile) and are read on demand
         source_path = None if loaded.source is not None else src_p  # a skeleton is checked as is
         # without --verify the original is not needed again: fold the loaded model in place (no copy)

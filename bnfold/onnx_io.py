@@ -117,7 +117,7 @@ def _check_external_locations(model: onnx.ModelProto, base: Path, label: str = "
 def load_model(path: str | os.PathLike, *, skeleton: bool = False) -> LoadedModel:
     """Load and validate an ONNX model file; raise :class:`BnfoldError` with a one-line reason otherwise.
 
-    With ``skeleton`` the model's large tensors stay in the (memory-mapped) file, as references that
+    With ``skeleton`` the model's large tensors stay in the file, as references that
     :func:`bnfold.protofile.tensor_array` reads on demand (:mod:`bnfold.protofile`); the same checks apply.
     Close the result when done."""
     p = Path(path)
@@ -227,7 +227,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     check_target(out)
     if not external_data and tensor_bytes(model) > _2GB // 2:
         external_data = True
-    skeleton = any(protofile.is_reference(t) for t in model.graph.initializer)
+    skeleton = protofile.has_references(model)
     clean_stale_temps(parent)
     data_name = new_data_name(out)
     tmpdir = parent / temp_name(out)

@@ -1,20 +1,20 @@
 """Reading and writing ONNX files record by record: the fold never builds or serializes the whole model.
 
-* **Reading.** The file is memory-mapped once and its protobuf records are indexed. The main graph's large
-  initializers (raw data of at least :data:`SKELETON_BYTES` bytes, not int32/int64, which shape inference may
-  read) are not copied: the model is parsed as a *skeleton* in which each of them keeps its name, dtype, dims,
-  doc string and metadata, but whose data is a reference (``data_location=EXTERNAL``, location
-  ``bnfold-ref-<token>``, offset ``<n>``: the n-th reference of that source) to its bytes in the source. :func:`tensor_array` (what
-  :meth:`bnfold.graph.ModelGraph.read` and ``const`` use) reads a referenced tensor on demand; :func:`tensor_size`
-  is its full serialized size. The index checks that each referenced tensor's data has exactly the size its
-  dims and dtype give (``onnx.checker`` on the skeleton cannot see it), so a file that is refused when loaded whole
-  is refused here too. A model whose tensors live in external data files is read the same way: its tensors from
-  :data:`SKELETON_BYTES` up are references into the (memory-mapped) data file, smaller ones are read in, as
-  ``onnx.load`` does.
+* **Reading.** The file is opened once and its protobuf records are indexed (read with ``pread``, skipping
+  over tensor data). The large initializers of the main graph and of every subgraph (raw data of at least
+  :data:`SKELETON_BYTES` bytes, not int32/int64, which shape inference may read) are not copied: the model is parsed as a *skeleton* in which each of them
+  keeps its name, dtype, dims, doc string and metadata, but whose data is a reference (``data_location=EXTERNAL``,
+  location ``bnfold-ref-<token>``, offset ``<n>``: the n-th reference of that source) to its bytes in the
+  source. :func:`tensor_array` (what :meth:`bnfold.graph.ModelGraph.read` and ``const`` use) reads a referenced
+  tensor on demand; :func:`tensor_size` is its full serialized size. The index checks that each referenced
+  tensor's data has exactly the size its dims and dtype give (``onnx.checker`` on the skeleton cannot see it);
+  a file where it does not goes the old way (loaded whole), with the old result. A model whose tensors live in external data files is read the same way: its main graph's
+  tensors from :data:`SKELETON_BYTES` up are references into the data file, every other one is
+  read in, as ``onnx.load`` does.
 * **Writing.** A skeleton (folded or not) is written by serializing it (small: nodes, small tensors, references)
   and splicing each untouched reference back as the source's own record, copied from file to file by the kernel
-  (``copy_file_range``) without passing through Python; the rewritten tensors are encoded one at a time by the
-  fold. With external data, the referenced tensors' bytes are streamed into the new data file in the order and at
+  (``copy_file_range``) without passing through Python. The tensors the fold computes are references too
+  (:func:`new_tensor` inside :func:`deferred_tensors`): held once, as arrays, and encoded one at a time. With external data, the referenced tensors' bytes are streamed into the new data file in the order and at
   the offsets ``onnx.save_model`` gives them. The output is byte-identical to ``onnx.save_model`` of the fully
   loaded folded model whenever the source file is in protobuf's canonical encoding (every file that protobuf,
   and so onnx/torch, writes); otherwise it is identical in content.
@@ -26,10 +26,10 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,23 +123,25 @@ def _key(fno: int, wt: int) -> bytes:
 class Ref:
     """Where a referenced tensor's bytes are: ``data`` (offset, length) in ``file`` (an index into
     :attr:`Source.files`); ``record`` (offset, length) of the whole TensorProto in the model file when the
-    tensor is stored in it (None for a tensor from an external data file)."""
+    tensor is stored in it (None for a tensor from an external data file). A tensor the fold computed
+    (:func:`new_tensor`) has its bytes in ``array`` instead."""
 
     file: int
     data: tuple[int, int]
     record: tuple[int, int] | None
+    array: np.ndarray | None = None
 
 
 @dataclass
 class Source:
-    """An open, indexed model file: the skeleton, and the references into the mapped files."""
+    """An open, indexed model file: the skeleton, and the references into its open files."""
 
     path: Path
     skeleton: onnx.ModelProto
     external: bool  #: the model keeps its tensors in external data files
     token: str = field(default_factory=lambda: secrets.token_hex(6))
     refs: list[Ref] = field(default_factory=list)
-    files: list[tuple[int, mmap.mmap | None]] = field(default_factory=list)  #: (fd, map) per file
+    files: list[tuple[int, _Paged | None]] = field(default_factory=list)  #: (fd, map) per file
     _closed: bool = False
 
     def __enter__(self) -> Source:
@@ -155,16 +157,25 @@ class Source:
         _SOURCES.pop(self.token, None)
         for fd, mm in self.files:
             if mm is not None:
-                with contextlib.suppress(BufferError):
-                    mm.close()
-            os.close(fd)
+                mm.close()
+            if fd >= 0:
+                os.close(fd)
 
-    def data(self, ref: Ref) -> memoryview:
-        fd, mm = self.files[ref.file]
+    def data(self, ref: Ref) -> bytes | memoryview:
+        """The tensor's bytes: read from its file (not through the map: no page of it stays in the process)."""
+        if ref.array is not None:
+            return _bytes_of(ref.array)
+        fd, _ = self.files[ref.file]
         off, n = ref.data
-        if mm is None:
-            raise Unsupported("empty file")
-        return memoryview(mm)[off:off + n]
+        out = bytearray(n)
+        view = memoryview(out)
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], off + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: file shorter than its index")
+            done += got
+        return bytes(out) if n < 1 << 20 else view
 
     @property
     def location(self) -> str:
@@ -187,7 +198,7 @@ class Source:
             found = _ref_of(t)
             if found is not None:
                 src, ref = found
-                _fill(t, bytes(src.data(ref)))
+                _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
         return out
 
 
@@ -211,10 +222,14 @@ def is_reference(t: onnx.TensorProto) -> bool:
     return _ref_of(t) is not None
 
 
-def _fill(t: onnx.TensorProto, raw: bytes) -> None:
-    """Turn a reference into the tensor ``onnx.load`` gives (raw data inline; the source's own fields)."""
+def _fill(t: onnx.TensorProto, raw: bytes, *, from_data_file: bool = False) -> None:
+    """Turn a reference into the tensor ``onnx.load`` gives (raw data inline; the source's own fields; a tensor
+    read from an external data file keeps ``data_location=DEFAULT``, as onnx sets it)."""
     del t.external_data[:]
-    t.ClearField("data_location")
+    if from_data_file:
+        t.data_location = onnx.TensorProto.DEFAULT
+    else:
+        t.ClearField("data_location")
     t.raw_data = raw
 
 
@@ -224,6 +239,8 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     if found is None:
         return numpy_helper.to_array(t)
     src, ref = found
+    if ref.array is not None:
+        return ref.array.copy()
     full = onnx.TensorProto()
     full.CopyFrom(t)
     _fill(full, bytes(src.data(ref)))
@@ -239,8 +256,9 @@ def tensor_size(t: onnx.TensorProto) -> int:
     if ref.record is not None:
         return ref.record[1]
     entries = sum(1 + len(_encode_varint(e.ByteSize())) + e.ByteSize() for e in t.external_data)
-    n = ref.data[1]  # loaded whole: raw data instead of the entries (data_location kept, set to DEFAULT)
-    return t.ByteSize() - entries + 1 + len(_encode_varint(n)) + n
+    n = ref.data[1]  # loaded whole: raw data instead of the entries (data_location kept, set to DEFAULT,
+    location = 2 if ref.array is not None else 0  # but for a computed tensor, which has none)
+    return t.ByteSize() - entries - location + 1 + len(_encode_varint(n)) + n
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -263,6 +281,42 @@ def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _iter_initializers(g)
 
 
+# ------------------------------------------------------------------------------------------------ computed tensors
+_DEFERRED: list[Source] = []
+_SIMPLE = {np.dtype(d) for d in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16,
+                                 np.int32, np.int64, np.uint32, np.uint64, np.bool_)}
+
+
+@contextlib.contextmanager
+def deferred_tensors() -> Iterator[None]:
+    """While active, :func:`new_tensor` gives large tensors as references to their arrays, so that a fold's new
+    weights are held once (as arrays) and encoded one at a time when written, never as a whole model."""
+    src = Source(Path("<computed>"), onnx.ModelProto(), external=False)
+    _SOURCES[src.token] = src
+    _DEFERRED.append(src)
+    try:
+        yield
+    finally:
+        _DEFERRED.remove(src)
+        src.close()
+
+
+def new_tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
+    """``numpy_helper.from_array(arr, name)``, or (inside :func:`deferred_tensors`, for large arrays of plain
+    dtypes, written the same way by from_array) a reference to ``arr`` that is written as that tensor."""
+    arr = np.ascontiguousarray(arr)
+    if not _DEFERRED or arr.nbytes < SKELETON_BYTES or arr.dtype not in _SIMPLE or sys.byteorder != "little":
+        return numpy_helper.from_array(arr, name)
+    src = _DEFERRED[-1]
+    t = onnx.TensorProto()
+    t.dims.extend(arr.shape)
+    if name:
+        t.name = name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    src.reference(t, Ref(-1, (0, arr.nbytes), None, arr))
+    return t
+
+
 def _expected_bytes(data_type: int, dims: list[int]) -> int | None:
     size = _ITEMSIZE.get(data_type)
     if size is None:
@@ -271,14 +325,60 @@ def _expected_bytes(data_type: int, dims: list[int]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _map(path: Path) -> tuple[int, mmap.mmap | None]:
+class _Paged:
+    """The file's bytes, read on demand with ``pread`` through a one-block cache: ``buf[i]`` and ``buf[a:b]``
+    as on bytes. Not a memory map: with large page-cache folios, touching one byte of a mapping maps megabytes
+    of the tensor around it into the process; ``pread`` copies only what is asked."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        self._block, self._data = -1, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _load(self, block: int) -> None:
+        self._data = os.pread(self.fd, self.BLOCK, block * self.BLOCK)
+        self._block = block
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop = i.start or 0, min(self.size, self.size if i.stop is None else i.stop)
+            block = start // self.BLOCK
+            if block == self._block and stop <= (block + 1) * self.BLOCK:
+                base = block * self.BLOCK
+                return self._data[start - base:stop - base]
+            out = os.pread(self.fd, stop - start, start)
+            if len(out) != stop - start:
+                raise Unsupported("file changed while read")
+            return out
+        block = i // self.BLOCK
+        if block != self._block:
+            self._load(block)
+        try:
+            return self._data[i - block * self.BLOCK]
+        except IndexError:
+            raise Unsupported("file changed while read") from None
+
+    def close(self) -> None:
+        self._data = b""
+
+
+def _map(path: Path) -> tuple[int, _Paged | None]:
+    """The file, open, with its paged reader for the index (None for an empty file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        return fd, (mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None)
+        return fd, (_Paged(fd, size) if size else None)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _bytes_of(arr: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def _tensor_fields(buf, start: int, end: int):
@@ -363,33 +463,45 @@ def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield attr.t
 
 
-def _skeleton_bytes(src: Source, mm: mmap.mmap, min_bytes: int) -> bytes | None:
-    out: list[bytes] = []
-    found = False
-    size = len(mm)
-    for fno, wt, rec, vs, ve in _records(mm, 0, size):
-        if fno != _MODEL_GRAPH or wt != 2:
-            out.append(mm[rec:ve])
-            continue
-        parts: list[bytes] = []
-        for gf, gwt, grec, gvs, gve in _records(mm, vs, ve):
-            if gf == _GRAPH_INITIALIZER and gwt == 2 and gve - gvs >= min_bytes:
-                data_type, dims, raw, other = _tensor_fields(mm, gvs, gve)
-                if raw is not None and not other and raw[1] >= min_bytes and data_type not in _INT_TYPES:
-                    want = _expected_bytes(data_type, dims)
-                    if want is not None and want != raw[1]:
-                        raise Unsupported("tensor data does not match its dims")  # loaded whole: refused there
-                    n = len(src.refs)
-                    src.refs.append(Ref(0, raw[:2], (gvs, gve - gvs)))
-                    # the record without its raw data, plus the reference
-                    body = bytes(mm[gvs:raw[2]]) + bytes(mm[raw[0] + raw[1]:gve]) + _reference_fields(src.location, n)
-                    parts.append(_key(_GRAPH_INITIALIZER, 2) + _encode_varint(len(body)) + body)
-                    found = True
-                    continue
-            parts.append(mm[grec:gve])
-        graph = b"".join(parts)
-        out.append(_key(_MODEL_GRAPH, 2) + _encode_varint(len(graph)) + graph)
-    return b"".join(out) if found else None
+# The messages on the way from the model to its initializers: (message kind, field) -> kind of the submessage.
+_PATH = {("model", _MODEL_GRAPH): "graph", ("graph", 1): "node", ("graph", _GRAPH_INITIALIZER): "tensor",
+         ("node", 5): "attribute", ("attribute", 6): "graph", ("attribute", 11): "graph"}
+
+
+def _skeleton_bytes(src: Source, mm: _Paged, min_bytes: int) -> bytes | None:
+    found = [False]
+
+    def message(kind: str, start: int, end: int) -> list:
+        """``kind``'s records in ``mm[start:end]``, large initializers replaced by references; a record that
+        is not on the way to an initializer, or too small to hold a large one, is kept as it is."""
+        parts: list = []
+        for fno, wt, rec, vs, ve in _records(mm, start, end):
+            sub = _PATH.get((kind, fno)) if wt == 2 else None
+            if sub is None or ve - vs < min_bytes:
+                parts.append(mm[rec:ve])
+            elif sub == "tensor":
+                parts.append(tensor(rec, vs, ve))
+            else:
+                body = b"".join(message(sub, vs, ve))
+                parts.append(_key(fno, 2) + _encode_varint(len(body)) + body)
+        return parts
+
+    def tensor(rec: int, vs: int, ve: int) -> bytes:
+        data_type, dims, raw, other = _tensor_fields(mm, vs, ve)
+        if raw is None or other or raw[1] < min_bytes or data_type in _INT_TYPES:
+            return mm[rec:ve]
+        want = _expected_bytes(data_type, dims)
+        if want is not None and want != raw[1]:
+            raise Unsupported("tensor data does not match its dims")  # loaded whole: refused there
+        n = len(src.refs)
+        src.refs.append(Ref(0, raw[:2], (vs, ve - vs)))
+        found[0] = True
+        # the record without its raw data, plus the reference
+        body = bytes(mm[vs:raw[2]]) + bytes(mm[raw[0] + raw[1]:ve]) + _reference_fields(src.location, n)
+        return _key(_GRAPH_INITIALIZER, 2) + _encode_varint(len(body)) + body
+
+    out = b"".join(message("model", 0, len(mm)))
+    return out if found[0] else None
 
 
 def _entry(key: bytes, value: bytes) -> bytes:
@@ -404,7 +516,7 @@ def _reference_fields(location: str, n: int) -> bytes:
 def open_external_model(model: onnx.ModelProto, path: str | os.PathLike,
                         *, min_bytes: int = SKELETON_BYTES) -> Source | None:
     """A skeleton of ``model`` (parsed without its external data, locations already checked to stay in its
-    folder) whose main-graph tensors in external files are references into the memory-mapped data files;
+    folder) whose main-graph tensors in external files are references into the data files;
     every other external tensor is read in, as ``onnx.load`` does. None when something is unusual (the caller
     loads the data whole). ``model`` becomes the skeleton."""
     p = Path(path)
@@ -478,7 +590,8 @@ def checkable(model: onnx.ModelProto | bytes) -> Iterator[str]:
 
 
 def has_references(model: onnx.ModelProto) -> bool:
-    return any(is_reference(t) for t in model.graph.initializer)
+    """Whether ``model`` is a skeleton: some initializer (subgraphs included) is a reference."""
+    return any(is_reference(t) for t in _iter_initializers(model.graph))
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -501,8 +614,13 @@ def _copy_range(src_fd: int, mm, dst_fd: int, offset: int, n: int) -> None:
                 n -= done
         except OSError:
             pass
-    if n > 0:
-        _write_all(dst_fd, memoryview(mm)[offset:offset + n])
+    while n > 0:  # no copy_file_range (or it refused): through a buffer
+        chunk = os.pread(src_fd, min(n, 16 << 20), offset)
+        if not chunk:
+            raise OSError("source file shorter than its index")
+        _write_all(dst_fd, chunk)
+        offset += len(chunk)
+        n -= len(chunk)
 
 
 def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
@@ -524,42 +642,62 @@ def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
 
 
 def _splice(body: bytes) -> list:
-    """The chunks of the full model: ``body``'s records, the references in the main graph's initializers
-    replaced by ``(source, offset, length)`` of their records in the source file."""
-    if _REF_RE.search(body) is None:
-        return [body]
-    out: list = []
-    for fno, wt, rec, vs, ve in _records(body, 0, len(body)):
-        if fno != _MODEL_GRAPH or wt != 2 or _REF_RE.search(body, vs, ve) is None:
-            out.append(body[rec:ve])
-            continue
+    """The chunks of the full model: ``body``'s records, each reference among the initializers (subgraphs
+    included) replaced by its record: ``(source, offset, length)`` in the source file, or the tensor the fold
+    computed, encoded around its array."""
+    view = memoryview(body)
+
+    def message(kind: str, start: int, end: int) -> tuple[list, int]:
         parts: list = []
         total = 0
-        pending_start = vs
-        for gf, gwt, grec, gvs, gve in _records(body, vs, ve):
-            if gf != _GRAPH_INITIALIZER or gwt != 2:
+        pending = start  # records are copied in runs, not one by one
+        for fno, wt, rec, vs, ve in _records(body, start, end):
+            sub = _PATH.get((kind, fno)) if wt == 2 else None
+            if sub is None or _REF_RE.search(body, vs, ve) is None:
                 continue
-            if gve - gvs >= SKELETON_BYTES or _REF_RE.search(body, gvs, gve) is None:
-                continue  # a reference is small; a large record holds its data
-            found = _ref_of(onnx.TensorProto.FromString(body[gvs:gve]))
-            if found is None:
-                continue
-            src, ref = found
-            if ref.record is None:
-                raise RuntimeError("a reference into an external data file in a model written without one")
-            if grec > pending_start:
-                parts.append(body[pending_start:grec])
-                total += grec - pending_start
-            head = _key(_GRAPH_INITIALIZER, 2) + _encode_varint(ref.record[1])
-            parts += [head, (src, ref.record[0], ref.record[1])]
-            total += len(head) + ref.record[1]
-            pending_start = gve
-        if ve > pending_start:
-            parts.append(body[pending_start:ve])
-            total += ve - pending_start
-        out.append(_key(_MODEL_GRAPH, 2) + _encode_varint(total))
-        out += parts
-    return out
+            if sub == "tensor":
+                if ve - vs >= SKELETON_BYTES:
+                    continue  # a reference is small; a large record holds its data
+                found = _ref_of(onnx.TensorProto.FromString(body[vs:ve]))
+                if found is None:
+                    continue
+                src, ref = found
+                if ref.array is not None:
+                    inner = _computed_record(body, vs, ve, _bytes_of(ref.array))
+                    n = sum(len(c) for c in inner)
+                elif ref.record is not None:
+                    inner, n = [(src, ref.record[0], ref.record[1])], ref.record[1]
+                else:
+                    raise RuntimeError("a reference into an external data file in a model written without one")
+            else:
+                inner, n = message(sub, vs, ve)
+            if rec > pending:
+                parts.append(view[pending:rec])
+                total += rec - pending
+            head = _key(fno, 2) + _encode_varint(n)
+            parts.append(head)
+            parts += inner
+            total += len(head) + n
+            pending = ve
+        if end > pending:
+            parts.append(view[pending:end])
+            total += end - pending
+        return parts, total
+
+    if _REF_RE.search(body) is None:
+        return [body]
+    return message("model", 0, len(body))[0]
+
+
+def _computed_record(body: bytes, start: int, end: int, raw: memoryview) -> list:
+    """The record of a computed tensor from its reference's record: the reference's fields (external_data,
+    data_location) dropped, raw_data put in its place among the fields (by field number, as protobuf does)."""
+    before, after = [], []
+    for fno, _wt, rec, _vs, ve in _records(body, start, end):
+        if fno in (_T_EXTERNAL, _T_LOCATION):
+            continue
+        (before if fno < _T_RAW else after).append(body[rec:ve])
+    return [b"".join(before), _key(_T_RAW, 2) + _encode_varint(len(raw)), raw, b"".join(after)]
 
 
 def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: str | os.PathLike) -> bool:
@@ -579,8 +717,11 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
                 fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             if found is not None:
                 src, ref = found
-                sfd, mm = src.files[ref.file]
-                _copy_range(sfd, mm, fd, ref.data[0], ref.data[1])
+                if ref.array is not None:
+                    _write_all(fd, _bytes_of(ref.array))
+                else:
+                    sfd, mm = src.files[ref.file]
+                    _copy_range(sfd, mm, fd, ref.data[0], ref.data[1])
                 n = ref.data[1]
             else:
                 n = len(t.raw_data)
