@@ -292,10 +292,13 @@ def environment() -> dict:
     env = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
            "cpu_count": os.cpu_count(), "onnxruntime": ort.__version__,
            "ort_available_providers": ort.get_available_providers()}
-    try:
-        import torch
-        env["torch"] = torch.__version__
-        if torch.cuda.is_available():
+    try:  # torch is only looked at when the run already imported it (ONNX runs never import torch)
+        import sys
+        from importlib import metadata
+
+        env["torch"] = metadata.version("torch")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
     except Exception:  # torch without a working CUDA is fine

@@ -2,15 +2,16 @@
 
 * **Reading.** The file is opened once and its protobuf records are indexed (read with ``pread``, skipping
   over tensor data). The large initializers of the main graph and of every subgraph (raw data of at least
-  :data:`SKELETON_BYTES` bytes, not int32/int64, which shape inference may read) are not copied: the model is parsed as a *skeleton* in which each of them
-  keeps its name, dtype, dims, doc string and metadata, but whose data is a reference (``data_location=EXTERNAL``,
-  location ``bnfold-ref-<token>``, offset ``<n>``: the n-th reference of that source) to its bytes in the
-  source. :func:`tensor_array` (what :meth:`bnfold.graph.ModelGraph.read` and ``const`` use) reads a referenced
-  tensor on demand; :func:`tensor_size` is its full serialized size. The index checks that each referenced
-  tensor's data has exactly the size its dims and dtype give (``onnx.checker`` on the skeleton cannot see it);
-  a file where it does not goes the old way (loaded whole), with the old result. A model whose tensors live in external data files is read the same way: its main graph's
-  tensors from :data:`SKELETON_BYTES` up are references into the data file, every other one is
-  read in, as ``onnx.load`` does.
+  :data:`SKELETON_BYTES` bytes, not int32/int64, which shape inference may read) are not copied: the model is
+  parsed as a *skeleton* in which each of them keeps its name, dtype, dims, doc string and metadata, but whose
+  data is a reference (``data_location=EXTERNAL``, location ``bnfold-ref-<token>``, offset ``<n>``: the n-th
+  reference of that source) to its bytes in the source. :func:`tensor_array` (what
+  :meth:`bnfold.graph.ModelGraph.read` and ``const`` use) reads a referenced tensor on demand;
+  :func:`tensor_size` is its full serialized size. The index checks that each referenced tensor's data has
+  exactly the size its dims and dtype give (``onnx.checker`` on the skeleton cannot see it); a file where it does
+  not goes the old way (loaded whole), with the old result. A model whose tensors live in external data files is
+  read the same way: its main graph's tensors from :data:`SKELETON_BYTES` up are references into the data file,
+  every other one is read in, as ``onnx.load`` does.
 * **Writing.** A skeleton (folded or not) is written by serializing it (small: nodes, small tensors, references)
   and splicing each untouched reference back as the source's own record, copied from file to file by the kernel
   (``copy_file_range``) without passing through Python. The tensors the fold computes are references too
@@ -30,6 +31,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 SKELETON_BYTES = 4096  #: raw data from this size up stays in the source file (a reference in the skeleton)
+INDEX_MIN_FILE = 4 << 20  #: a smaller model file is parsed whole (cheaper than indexing records one by one)
 EXTERNAL_MIN = 1024  #: tensors written to an external data file (onnx's and bnfold's threshold)
 _REF_PREFIX = "bnfold-ref-"
 _REF_RE = re.compile(rb"bnfold-ref-([0-9a-f]{12})")
@@ -75,30 +78,43 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+_WINDOW = 1 << 18
+
+
 def _records(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """``(field, wire type, record start, value start, value end)`` of each record in ``buf[start:end]``; for a
-    varint the value is ``buf[value start:value end]`` encoded."""
+    varint the value is ``buf[value start:value end]`` encoded. ``buf`` is bytes-like or a :class:`_Paged` file,
+    read through a window (headers are parsed in bytes, values are skipped without being read)."""
+    paged = isinstance(buf, _Paged)
+    wstart, win = (start, buf[start:min(end, start + _WINDOW)]) if paged else (0, buf)
+    wend = wstart + len(win)
     pos = start
     while pos < end:
+        if paged and pos + 24 > wend and wend < end:
+            wstart, win = pos, buf[pos:min(end, pos + _WINDOW)]
+            wend = wstart + len(win)
         rec = pos
-        key, pos = _varint(buf, pos, end)
+        lim = min(end, wend) - wstart
+        key, p = _varint(win, pos - wstart, lim)
         fno, wt = key >> 3, key & 7
         if fno == 0:
             raise Unsupported("field number 0")
         if wt == 0:
-            _, vend = _varint(buf, pos, end)
+            _, q = _varint(win, p, lim)
+            vs, vend = p + wstart, q + wstart
         elif wt == 2:
-            n, pos = _varint(buf, pos, end)
-            vend = pos + n
+            n, q = _varint(win, p, lim)
+            vs = q + wstart
+            vend = vs + n
         elif wt == 1:
-            vend = pos + 8
+            vs, vend = p + wstart, p + wstart + 8
         elif wt == 5:
-            vend = pos + 4
+            vs, vend = p + wstart, p + wstart + 4
         else:
             raise Unsupported("protobuf groups")
         if vend > end:
             raise Unsupported("truncated record")
-        yield fno, wt, rec, pos, vend
+        yield fno, wt, rec, vs, vend
         pos = vend
 
 
@@ -190,19 +206,24 @@ class Source:
         t.external_data.add(key="offset", value=str(len(self.refs) - 1))
 
     def materialize(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
-        """A full copy of ``model`` (by default the skeleton): every reference replaced by its data, as
-        ``onnx.load`` would give it. For what needs the whole model (running it with ONNX Runtime)."""
-        out = onnx.ModelProto()
-        out.CopyFrom(self.skeleton if model is None else model)
-        for t in _iter_initializers(out.graph):
-            found = _ref_of(t)
-            if found is not None:
-                src, ref = found
-                _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
-        return out
+        """:func:`materialize` of ``model``, by default of this source's skeleton."""
+        return materialize(self.skeleton if model is None else model)
 
 
 _SOURCES: dict[str, Source] = {}
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A full copy of ``model``: every reference replaced by its data, as ``onnx.load`` would give it. For what
+    needs the whole model (running it with ONNX Runtime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in _iter_initializers(out.graph):
+        found = _ref_of(t)
+        if found is not None:
+            src, ref = found
+            _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
+    return out
 
 
 def _ref_of(t: onnx.TensorProto) -> tuple[Source, Ref] | None:
@@ -233,17 +254,30 @@ def _fill(t: onnx.TensorProto, raw: bytes, *, from_data_file: bool = False) -> N
     t.raw_data = raw
 
 
+_PLAIN = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+          onnx.TensorProto.FLOAT16: np.dtype(np.float16), onnx.TensorProto.INT64: np.dtype(np.int64),
+          onnx.TensorProto.INT32: np.dtype(np.int32)}
+
+
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
-    """The values of a stored tensor, reading a reference from its source (one copy)."""
+    """The values of a stored tensor, reading a reference from its source (one copy): what
+    ``numpy_helper.to_array`` gives for the tensor loaded whole (its own code for plain dtypes in raw data)."""
     found = _ref_of(t)
+    plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
     if found is None:
+        if plain is not None and t.HasField("raw_data") and not t.HasField("segment") \
+                and t.data_location != onnx.TensorProto.EXTERNAL:
+            return np.frombuffer(t.raw_data, dtype=plain).reshape(t.dims)
         return numpy_helper.to_array(t)
     src, ref = found
     if ref.array is not None:
         return ref.array.copy()
+    raw = bytes(src.data(ref))
+    if plain is not None:
+        return np.frombuffer(raw, dtype=plain).reshape(t.dims)
     full = onnx.TensorProto()
     full.CopyFrom(t)
-    _fill(full, bytes(src.data(ref)))
+    _fill(full, raw)
     return numpy_helper.to_array(full)
 
 
@@ -282,7 +316,14 @@ def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 # ------------------------------------------------------------------------------------------------ computed tensors
-_DEFERRED: list[Source] = []
+_LOCAL = threading.local()  # per thread: the stack of deferred_tensors() sources (threads fold independently)
+
+
+def _deferred() -> list[Source]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
 _SIMPLE = {np.dtype(d) for d in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16,
                                  np.int32, np.int64, np.uint32, np.uint64, np.bool_)}
 
@@ -293,11 +334,11 @@ def deferred_tensors() -> Iterator[None]:
     weights are held once (as arrays) and encoded one at a time when written, never as a whole model."""
     src = Source(Path("<computed>"), onnx.ModelProto(), external=False)
     _SOURCES[src.token] = src
-    _DEFERRED.append(src)
+    _deferred().append(src)
     try:
         yield
     finally:
-        _DEFERRED.remove(src)
+        _deferred().remove(src)
         src.close()
 
 
@@ -305,9 +346,10 @@ def new_tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
     """``numpy_helper.from_array(arr, name)``, or (inside :func:`deferred_tensors`, for large arrays of plain
     dtypes, written the same way by from_array) a reference to ``arr`` that is written as that tensor."""
     arr = np.ascontiguousarray(arr)
-    if not _DEFERRED or arr.nbytes < SKELETON_BYTES or arr.dtype not in _SIMPLE or sys.byteorder != "little":
+    stack = _deferred()
+    if not stack or arr.nbytes < SKELETON_BYTES or arr.dtype not in _SIMPLE or sys.byteorder != "little":
         return numpy_helper.from_array(arr, name)
-    src = _DEFERRED[-1]
+    src = stack[-1]
     t = onnx.TensorProto()
     t.dims.extend(arr.shape)
     if name:
@@ -408,11 +450,14 @@ def _tensor_fields(buf, start: int, end: int):
     return data_type, dims, raw, other
 
 
-def open_model(path: str | os.PathLike, *, min_bytes: int = SKELETON_BYTES) -> Source | None:
-    """Index the model file at ``path`` and parse its skeleton. None when there is nothing to gain (no tensor
-    of ``min_bytes`` or more) or the index cannot take the file (the caller then loads it whole). Raises
+def open_model(path: str | os.PathLike, *, min_bytes: int | None = None) -> Source | None:
+    """Index the model file at ``path`` and parse its skeleton. None when there is nothing to gain (a file under
+    :data:`INDEX_MIN_FILE`, no tensor of ``min_bytes`` or more) or the index cannot take the file (the caller then loads it whole). Raises
     what ``onnx.load`` raises on a file that does not parse."""
     p = Path(path)
+    min_bytes = SKELETON_BYTES if min_bytes is None else min_bytes
+    if os.stat(p).st_size < INDEX_MIN_FILE:
+        return None
     fd, mm = _map(p)
     src = Source(p, onnx.ModelProto(), external=False)
     src.files.append((fd, mm))
@@ -514,12 +559,13 @@ def _reference_fields(location: str, n: int) -> bytes:
 
 
 def open_external_model(model: onnx.ModelProto, path: str | os.PathLike,
-                        *, min_bytes: int = SKELETON_BYTES) -> Source | None:
+                        *, min_bytes: int | None = None) -> Source | None:
     """A skeleton of ``model`` (parsed without its external data, locations already checked to stay in its
     folder) whose main-graph tensors in external files are references into the data files;
     every other external tensor is read in, as ``onnx.load`` does. None when something is unusual (the caller
     loads the data whole). ``model`` becomes the skeleton."""
     p = Path(path)
+    min_bytes = SKELETON_BYTES if min_bytes is None else min_bytes
     src = Source(p, model, external=True)
     _SOURCES[src.token] = src
     maps: dict[str, int] = {}
@@ -656,8 +702,6 @@ def _splice(body: bytes) -> list:
             if sub is None or _REF_RE.search(body, vs, ve) is None:
                 continue
             if sub == "tensor":
-                if ve - vs >= SKELETON_BYTES:
-                    continue  # a reference is small; a large record holds its data
                 found = _ref_of(onnx.TensorProto.FromString(body[vs:ve]))
                 if found is None:
                     continue

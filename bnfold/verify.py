@@ -698,13 +698,14 @@ def verify(reference, candidate, *, input_shapes: list | None = None, data: Data
     """Compare ``candidate`` (folded ONNX: ModelProto or path) with ``reference`` (ONNX ModelProto/path, run with
     optimizations off, or a torch ``nn.Module``, run eagerly). See the module docstring for the rules.
     ``layout`` is the layout of ``data``'s image arrays (``nchw`` or ``nhwc``)."""
-    import torch
+    import sys
 
+    torch = sys.modules.get("torch")  # a torch module reference means torch is imported; never import it here
     cand_model = _as_model(candidate)
     argmax = _argmax_scores(cand_model)
     cand = _OnnxRunner(cand_model, ep, candidate_opt_level, "candidate")
     ref_model = None
-    if isinstance(reference, torch.nn.Module):
+    if torch is not None and isinstance(reference, torch.nn.Module):
         device = "cuda" if ep != "cpu" and torch.cuda.is_available() else "cpu"
         ref = _TorchRunner(reference, device)
     else:

@@ -25,6 +25,12 @@ from bnfold.onnx_io import load_model, save_model
 
 from .helpers import G, random_feeds, run_ort
 
+
+@pytest.fixture(autouse=True)
+def _index_small_files(monkeypatch):
+    """The test models are small: index them anyway (by default a file under 4 MiB is parsed whole)."""
+    monkeypatch.setattr(protofile, "INDEX_MIN_FILE", 0)
+
 DATA_RE = re.compile(r"\.[0-9a-f]{12}\.data$")
 
 

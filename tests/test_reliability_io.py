@@ -279,13 +279,17 @@ def test_signals_are_deferred_inside_a_commit():
 
 SLOW_SAVE = """
 import sys, time, onnx
-real = onnx.save_model
+import bnfold.protofile as pf
 flag = sys.argv[1]
-def slow(*a, **k):
-    real(*a, **k)
-    open(flag, "w").close()  # the temporary model is written: now signal us
-    time.sleep(300)
-onnx.save_model = slow
+def slowed(real):
+    def slow(*a, **k):
+        real(*a, **k)
+        open(flag, "w").close()  # the temporary model is written: now signal us
+        time.sleep(300)
+    return slow
+onnx.save_model = slowed(onnx.save_model)  # whichever writes the model: onnx, or the reader/writer
+pf.write_external = slowed(pf.write_external)
+pf.write_embedded = slowed(pf.write_embedded)
 from bnfold.cli.main import main
 sys.argv = ["bnfold"] + sys.argv[2:]
 main()
