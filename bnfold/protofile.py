@@ -474,7 +474,7 @@ def open_model(path: str | os.PathLike, *, min_bytes: int | None = None) -> Sour
                for t in iter_model_tensors(src.skeleton)):
             raise Unsupported("the model uses external data")  # see open_external_model
         return src
-    except Unsupported:
+    except Exception:  # anything the index cannot read (a corrupted file too): loaded whole, refused there
         src.close()
         return None
     except BaseException:
@@ -604,7 +604,7 @@ def open_external_model(model: onnx.ModelProto, path: str | os.PathLike,
             t.raw_data = raw
             t.data_location = onnx.TensorProto.DEFAULT
         return src
-    except (Unsupported, OSError, ValueError, KeyError):
+    except Exception:  # anything unusual: the caller reads the external data whole, as before
         src.close()
         return None
     except BaseException:
@@ -755,6 +755,10 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
     try:
         for t in _iter_initializers(model.graph):
             found = _ref_of(t)
+            if found is not None and found[1].data[1] < EXTERNAL_MIN:  # small: inline, as onnx leaves it
+                src, ref = found
+                _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
+                continue
             if found is None and not (t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN):
                 continue
             if fd is None:
@@ -813,8 +817,8 @@ def external_locations(path: str | os.PathLike) -> list[str] | None:
 
 
 def _strip_large(mm) -> bytes:
-    """The model file's bytes with the raw data of large main-graph initializers left out (enough to read
-    names and external-data entries)."""
+    """The model file's bytes without the large main-graph initializers that hold raw data (enough to read
+    every external-data entry)."""
     out: list[bytes] = []
     for fno, wt, rec, vs, ve in _records(mm, 0, len(mm)):
         if fno != _MODEL_GRAPH or wt != 2:
@@ -822,8 +826,9 @@ def _strip_large(mm) -> bytes:
             continue
         parts: list[bytes] = []
         for gf, gwt, grec, gvs, gve in _records(mm, vs, ve):
-            if gf == _GRAPH_INITIALIZER and gwt == 2 and gve - gvs >= SKELETON_BYTES:
-                continue
+            if gf == _GRAPH_INITIALIZER and gwt == 2 and gve - gvs >= SKELETON_BYTES \
+                    and _tensor_fields(mm, gvs, gve)[2] is not None:
+                continue  # raw data in the file: not an external reference
             parts.append(mm[grec:gve])
         graph = b"".join(parts)
         out.append(_key(_MODEL_GRAPH, 2) + _encode_varint(len(graph)) + graph)
