@@ -28,11 +28,21 @@ optimizations disabled, one random input of batch 1).
 Cold runs and peak memory: every method is also run ``--cold-reps`` times (interleaved the same way), each
 time as the first operation of a fresh subprocess, as the command line would run it; the operation is timed
 inside the child (imports excluded). The first operation in a process spends more kernel time getting fresh
-memory, so cold times are higher than warm ones and the ratios differ; both are reported. The peak resident set size of
-each child is read from the rusage that ``os.wait4`` returns for it (the same ``ru_maxrss`` that
-``resource.getrusage(RUSAGE_CHILDREN)`` reports, but for this one child only, so children do not mask each
-other). The child also reports its peak right after its imports, so the cost of the operation itself is the
-difference. These subprocess runs come first and double as a crash guard: a tool that fails or crashes there
+memory, so cold times are higher than warm ones and the ratios differ; both are reported. The peak resident set
+size of each child is its own ``VmHWM`` from ``/proc/self/status``, read by the child (a fresh interpreter
+started by exec) right after its imports and at the end, so the cost of the operation itself is the
+difference. (Not ``ru_maxrss``: a child inherits its parent's peak through fork/exec.)
+
+As commands (``--command-reps``): ``bnfold fold SRC -o DST`` against ``python -c`` doing ``onnx.load`` +
+``onnx.save`` of the same file, each a fresh process, interleaved, wall time from start to exit (interpreter
+start and imports included), and each process's own VmHWM.
+
+Start-up (``--startup-reps``): each command (``inspect``, ``fold``, ``fold --dry-run``, ``verify``, ``bench``)
+on a tiny model against ``python -c "import onnx, onnxruntime"``, fresh processes, interleaved; whether torch
+was imported is recorded (it must not be).
+
+The chain study (``--chain``, doublings up to 3,000 pairs and beyond) times each size in process and as
+commands; the time per doubling should stay near 2x (linear). These subprocess runs come first and double as a crash guard: a tool that fails or crashes there
 is recorded with its error and left out of the in-process timing.
 
 Where bnfold spends its time is measured twice: with low-overhead timers wrapped around its stages
@@ -77,8 +87,9 @@ MODEL_NAME = "resnet50"
 MODEL_FILE = "resnet50_unfolded.onnx"
 INPUT_SHAPE = (1, 3, 224, 224)
 SEED = 0
-TARGET_RATIO = 1.0  # issue 12: at most the Python load+save floor
+TARGET_RATIO = 1.0  # issues 12, 20: at most the Python load+save floor
 CHAIN_TARGET_S = 10.0  # a chain of 3,000 Conv+BN pairs
+CHAIN_COMMAND_TARGET_S = 1.5  # issue 20: 3,000 pairs as a command (ONNX Runtime's C++ optimizer: 1.6 s)
 CHAIN_DOUBLING_MAX = 2.2  # linear in the node count: at most 2.2x per doubling
 #: Bump when the way the model is built changes, so that stale caches are rebuilt.
 CACHE_FORMAT = 1
@@ -324,14 +335,26 @@ def describe_model(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- subprocess runs
+def _hwm_self_kb() -> int:
+    """This process's own peak resident set (VmHWM, KiB). Unlike ``ru_maxrss``, which a child inherits from its
+    parent through fork/exec (a child of a 310 MiB parent reports 311 MiB), VmHWM starts afresh at exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return _rss_self_kb()
+
+
 def run_one(key: str, src: str, dst: str) -> None:
-    """Child mode: run one method once and print a JSON line (seconds, peak RSS after the imports)."""
+    """Child mode (a fresh interpreter, started by exec): run one method once and print a JSON line (seconds,
+    own peak memory after the imports and at the end)."""
     op = METHODS[key].setup()
-    after_import_kb = _rss_self_kb()
+    after_import_kb = _hwm_self_kb()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         op(src, dst)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_after_import_kb": after_import_kb}))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "rss_after_import_kb": after_import_kb, "hwm_kb": _hwm_self_kb()}))
 
 
 def run_in_child(key: str, src: Path, dst: Path, work_dir: Path) -> dict:
@@ -344,7 +367,7 @@ def run_in_child(key: str, src: Path, dst: Path, work_dir: Path) -> dict:
                                 stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
         proc.returncode = os.waitstatus_to_exitcode(status)
-    res: dict = {"peak_rss_kb": usage.ru_maxrss, "returncode": proc.returncode}
+    res: dict = {"ru_maxrss_kb": usage.ru_maxrss, "returncode": proc.returncode}
     stdout, stderr = out_f.read_text(), err_f.read_text()
     if proc.returncode != 0:
         lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
@@ -358,8 +381,152 @@ def run_in_child(key: str, src: Path, dst: Path, work_dir: Path) -> dict:
         return res
     res["seconds"] = info["seconds"]
     res["rss_after_import_kb"] = info["rss_after_import_kb"]
-    res["op_rss_kb"] = usage.ru_maxrss - info["rss_after_import_kb"]
+    res["peak_rss_kb"] = info["hwm_kb"]  # the child's own VmHWM (ru_maxrss would include the parent's peak)
+    res["op_rss_kb"] = info["hwm_kb"] - info["rss_after_import_kb"]
     return res
+
+
+# ---------------------------------------------------------------------------------------------- commands
+#: Runs a command line in a fresh interpreter and, at exit, writes its own VmHWM (KiB) and whether torch was
+#: imported to the file named by $FOLD_SPEED_PROBE. The command is ``python -c CODE`` (argv[1]) or bnfold's CLI.
+_PROBE = """
+import atexit, os, sys
+def _report():
+    hwm = next((int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")), -1)
+    with open(os.environ["FOLD_SPEED_PROBE"], "w") as fh:
+        fh.write(f"{hwm} {int('torch' in sys.modules)}")
+atexit.register(_report)
+if sys.argv[1] == "--code":
+    code = sys.argv[2]
+    sys.argv = ["-c", *sys.argv[3:]]
+    exec(compile(code, "<command>", "exec"), {"__name__": "__main__"})
+else:
+    from bnfold.cli.main import main
+    sys.argv = ["bnfold", *sys.argv[1:]]
+    main()
+"""
+FLOOR_CODE = "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
+IMPORT_FLOOR_CODE = "import onnx, onnxruntime"
+
+
+def run_command(argv: list[str], work: Path) -> dict:
+    """Wall time (start to exit, interpreter start included), own VmHWM and torch use of one fresh process.
+    ``argv`` is bnfold's arguments, or ``["--code", CODE, *args]``."""
+    probe = work / "probe.txt"
+    _unlink(probe)
+    _settle()
+    env = dict(os.environ, FOLD_SPEED_PROBE=str(probe))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    res: dict = {"seconds": seconds, "returncode": proc.returncode}
+    if proc.returncode not in (0, 1):  # 1: a check failed (bench/verify verdicts), still a complete run
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        res["error"] = f"exit status {proc.returncode}: {lines[-1] if lines else ''}"
+    with contextlib.suppress(OSError, ValueError):
+        hwm, torch = probe.read_text().split()
+        res["hwm_kb"], res["torch"] = int(hwm), bool(int(torch))
+    return res
+
+
+def interleaved_commands(cmds: dict[str, list[str]], work: Path, reps: int, before=None) -> dict[str, dict]:
+    """``reps`` rounds of every command in a fresh process, interleaved with a rotating start; medians.
+    ``before(key)`` runs (untimed) before each run, e.g. to remove the previous output."""
+    keys = list(cmds)
+    runs: dict[str, list[dict]] = {k: [] for k in keys}
+    for r in range(reps):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for k in order:
+            if before is not None:
+                before(k)
+            runs[k].append(run_command(cmds[k], work))
+        log(f"  command round {r + 1}/{reps}: " + ", ".join(f"{k} {runs[k][-1]['seconds']:.2f}s" for k in order))
+    out = {}
+    for k in keys:
+        ok = [x for x in runs[k] if "error" not in x]
+        res: dict = {"argv": cmds[k], "times_s": [x["seconds"] for x in ok]}
+        if len(ok) < len(runs[k]):
+            res["error"] = next(x["error"] for x in runs[k] if "error" in x)
+        if ok:
+            res["median_s"] = _median(res["times_s"])
+            res["min_s"] = min(res["times_s"])
+            hwms = [x["hwm_kb"] for x in ok if "hwm_kb" in x]
+            res["hwm_kb"] = int(_median(hwms)) if hwms else None
+            res["torch_imported"] = any(x.get("torch") for x in ok)
+        out[k] = res
+    return out
+
+
+def command_runs(src: Path, work: Path, reps: int) -> dict:
+    """``bnfold fold`` against the load+save floor, both as commands in fresh processes."""
+    outs = {"floor": work / "cmd_floor.onnx", "bnfold": work / "cmd_bnfold.onnx"}
+    cmds = {"floor": ["--code", FLOOR_CODE, str(src), str(outs["floor"])],
+            "bnfold": ["fold", str(src), "-o", str(outs["bnfold"]), "-q"]}
+    res = interleaved_commands(cmds, work, reps, before=lambda k: _unlink(outs[k]))
+    fl, bf = res["floor"].get("median_s"), res["bnfold"].get("median_s")
+    res["ratio_median"] = bf / fl if fl and bf else None
+    return res
+
+
+def startup_runs(work: Path, reps: int) -> dict:
+    """Start-up of each ONNX command on a tiny model, against importing onnx and onnxruntime."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    small = work / "small.onnx"
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+              zip("sbmv", (rng.uniform(0.5, 1.5, 4), rng.normal(0, 1, 4), rng.normal(0, 1, 4), rng.uniform(0.5, 2, 4)))]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                           helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])], "small",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, small)
+    out = work / "small_folded.onnx"
+    cmds = {"import onnx, onnxruntime (floor)": ["--code", IMPORT_FLOOR_CODE],
+            "inspect": ["inspect", str(small), "-q"],
+            "fold": ["fold", str(small), "-o", str(out), "-q"],
+            "fold --dry-run": ["fold", str(small), "--dry-run", "-q"],
+            "verify": ["verify", str(small), str(small), "-q"],
+            "bench": ["bench", str(small), str(small), "--opt-level", "off", "--warmup", "1", "--iters", "5",
+                      "--sessions", "3", "--session-time", "0", "-q"]}
+    res = interleaved_commands(cmds, work, reps, before=lambda k: _unlink(out))
+    floor = res["import onnx, onnxruntime (floor)"].get("median_s")
+    for r in res.values():
+        if floor and r.get("median_s"):
+            r["ratio_to_import_floor"] = r["median_s"] / floor
+    return res
+
+
+def commands_markdown(cmd: dict | None, startup: dict | None) -> list[str]:
+    lines: list[str] = []
+    if cmd:
+        lines += ["", "## As commands (fresh processes, interleaved)", "",
+                  "| command | median s | min s | × floor | own peak (VmHWM) MB |", "|---|---:|---:|---:|---:|"]
+        for k in ("floor", "bnfold"):
+            r = cmd[k]
+            label = "python -c: onnx.load + onnx.save" if k == "floor" else "bnfold fold SRC -o DST"
+            ratio = r["median_s"] / cmd["floor"]["median_s"] if r.get("median_s") and cmd["floor"].get("median_s") \
+                else None
+            lines.append(f"| {label} | {_fmt_s(r.get('median_s'))} | {_fmt_s(r.get('min_s'))} | {_fmt_ratio(ratio)} | "
+                         f"{_kb_mb(r.get('hwm_kb'))} |")
+        lines += ["", f"Target: `bnfold fold` ≤ 1.0× the floor as a command (medians); measured "
+                      f"{_fmt_ratio(cmd.get('ratio_median'))}."]
+    if startup:
+        lines += ["", "## Start-up on a tiny model (fresh processes, interleaved)", "",
+                  "| command | median s | × import floor | own peak (VmHWM) MB | torch imported |",
+                  "|---|---:|---:|---:|---|"]
+        for k, r in startup.items():
+            lines.append(f"| `{k}` | {_fmt_s(r.get('median_s'))} | {_fmt_ratio(r.get('ratio_to_import_floor'))} | "
+                         f"{_kb_mb(r.get('hwm_kb'))} | {'yes' if r.get('torch_imported') else 'no'}"
+                         f"{' (error: ' + r['error'] + ')' if r.get('error') else ''} |")
+        lines += ["", "Target: `bnfold fold small.onnx` within 1.3× of `python -c \"import onnx, onnxruntime\"`; no "
+                      "torch in any of these processes."]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -466,7 +633,7 @@ def build_chain(n: int, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int) -> dict:
+def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, command_reps: int = 0) -> dict:
     """File-to-file time of ``keys`` on chains of each size, interleaved; per doubling, the time ratio."""
     out: dict = {"sizes": sizes, "reps": reps, "per_size": {}}
     for n in sizes:
@@ -486,6 +653,9 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int) -> d
                 bn_left[k] = None
         out["per_size"][str(n)] = {k: {"median_s": timing[k].get("median_s"), "min_s": timing[k].get("min_s"),
                                        "error": timing[k].get("error"), "bn_left": bn_left[k]} for k in keys}
+        if command_reps:
+            log(f"chain of {n} as commands")
+            out["per_size"][str(n)]["commands"] = command_runs(src, work, command_reps)
     for k in keys:
         ratios = []
         for a, b in zip(sizes, sizes[1:]):
@@ -494,11 +664,20 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int) -> d
             if ta and tb and b == 2 * a:
                 ratios.append(tb / ta)
         out.setdefault("doubling_ratio", {})[k] = ratios
+    if command_reps:
+        for k in ("floor", "bnfold"):
+            ratios = []
+            for a, b in zip(sizes, sizes[1:]):
+                ta = out["per_size"][str(a)]["commands"][k].get("median_s")
+                tb = out["per_size"][str(b)]["commands"][k].get("median_s")
+                if ta and tb and b == 2 * a:
+                    ratios.append(tb / ta)
+            out.setdefault("command_doubling_ratio", {})[k] = ratios
     return out
 
 
 def chain_markdown(ch: dict) -> list[str]:
-    keys = list(next(iter(ch["per_size"].values())))
+    keys = [k for k in next(iter(ch["per_size"].values())) if k != "commands"]
     lines = ["", "## Node-count scaling: chains of Conv+BN pairs", "",
              f"Each chain is Conv(8->8, 1x1) + BatchNormalization repeated N times (tiny tensors, many nodes); "
              f"file to file, {ch['reps']} interleaved rounds in one process, medians. Targets: 3,000 pairs in "
@@ -514,6 +693,16 @@ def chain_markdown(ch: dict) -> list[str]:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Time ratio per doubling of N: " + "; ".join(
         f"{METHODS[k].label}: {', '.join(f'{x:.2f}x' for x in v) or 'n/a'}" for k, v in ch["doubling_ratio"].items())]
+    if ch.get("command_doubling_ratio"):
+        lines += ["", f"As commands (fresh processes, interleaved, medians; target: 3,000 pairs <= {CHAIN_COMMAND_TARGET_S:g} s"
+                  " for `bnfold fold`):", "", "| N pairs | load+save floor s | bnfold fold s | own peak MB |",
+                  "|---:|---:|---:|---:|"]
+        for n, row in ch["per_size"].items():
+            c = row.get("commands", {})
+            lines.append(f"| {n} | {_fmt_s(c.get('floor', {}).get('median_s'))} | "
+                         f"{_fmt_s(c.get('bnfold', {}).get('median_s'))} | {_kb_mb(c.get('bnfold', {}).get('hwm_kb'))} |")
+        lines += ["", "Per doubling, as commands: " + "; ".join(
+            f"{k}: {', '.join(f'{x:.2f}x' for x in v) or 'n/a'}" for k, v in ch["command_doubling_ratio"].items())]
     return lines
 
 
@@ -572,18 +761,21 @@ def _stage_targets() -> list[tuple[str, object, str]]:
     import bnfold.onnx_fold
     import bnfold.onnx_io
     import bnfold.planner
+    import bnfold.protofile
 
     return [
         ("load_model", bnfold.fold, "load_model"),
+        ("protofile.open_model (index + skeleton parse)", bnfold.protofile, "open_model"),
         ("onnx.load (protobuf parse)", onnx, "load"),
         ("fold_model", bnfold.fold, "fold_model"),
         ("check_input (onnx.checker gate on the input)", bnfold.onnx_fold, "check_input"),
         ("planner.plan (every rule's match)", bnfold.planner, "plan"),
         ("planner.apply (in-place edits)", bnfold.planner, "apply"),
-        ("check_folded", bnfold.fold, "check_folded"),
         ("checker_error", bnfold.check, "checker_error"),
         ("onnx.checker.check_model (full)", onnx.checker, "check_model"),
         ("save_model", bnfold.fold, "save_model"),
+        ("protofile.write_embedded (splice + copy)", bnfold.protofile, "write_embedded"),
+        ("protofile.write_external (stream the data)", bnfold.protofile, "write_external"),
         ("onnx.save_model (serialize + write)", onnx, "save_model"),
     ]
 
@@ -1001,7 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs per method in fresh subprocesses, for cold time and peak RSS; 0 skips them and the "
                          "crash guard (default 3)")
     ap.add_argument("--no-profile", action="store_true", help="skip the stage timing and cProfile of bnfold")
-    ap.add_argument("--chain", default="750,1500,3000",
+    ap.add_argument("--command-reps", type=int, default=5,
+                    help="runs of `bnfold fold` and of the load+save floor as commands (fresh processes); 0 skips")
+    ap.add_argument("--startup-reps", type=int, default=5,
+                    help="runs of each command on a tiny model against the import floor; 0 skips")
+    ap.add_argument("--chain", default="750,1500,3000,6000",
                     help="sizes of the Conv+BN chains for the node-count scaling study ('' skips it)")
     ap.add_argument("--chain-methods", default="floor,bnfold,ort_offline",
                     help="methods timed on the chains (the Python optimizers take minutes there)")
@@ -1086,13 +1282,21 @@ def main(argv: list[str] | None = None) -> int:
         if mem:
             results["memory"] = mem
 
+        if args.command_reps > 0:
+            log(f"as commands: {args.command_reps} interleaved rounds of fresh processes")
+            results["commands"] = command_runs(src, work, args.command_reps)
+        if args.startup_reps > 0:
+            log(f"start-up: {args.startup_reps} interleaved rounds of each command on a tiny model")
+            results["startup"] = startup_runs(work, args.startup_reps)
+
         if not args.no_profile and methods.get("bnfold", {}).get("median_s") is not None:
             log("profiling bnfold.fold_onnx_file (stage timers, then cProfile)")
             results["profile"] = profile_bnfold(src, work / "out_profile.onnx", max(3, min(args.reps, 5)))
         sizes = [int(x) for x in args.chain.split(",") if x.strip()]
         if sizes:
             ckeys = [k.strip() for k in args.chain_methods.split(",") if k.strip() in METHODS]
-            results["chain"] = chain_scaling(sizes, ckeys, work, max(1, min(args.reps, 3)))
+            results["chain"] = chain_scaling(sizes, ckeys, work, max(1, min(args.reps, 3)),
+                                             command_reps=max(0, min(args.command_reps, 3)))
         results["setup"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         results["setup"]["bnfold_source_sha256_end"] = end_digest = bnfold_source_digest()
         changed = end_digest != results["setup"]["bnfold_source_sha256_start"]
@@ -1105,9 +1309,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, md_path)
+    extra = commands_markdown(results.get("commands"), results.get("startup"))
     if results.get("chain"):
+        extra += chain_markdown(results["chain"])
+    if extra:
         with md_path.open("a") as fh:
-            fh.write("\n".join(chain_markdown(results["chain"])) + "\n")
+            fh.write("\n".join(extra) + "\n")
     log(f"wrote {json_path} and {md_path}")
     for line in results["summary"]:
         log(line)

@@ -279,7 +279,7 @@ def calibrate_spec(spec: str, data, *, weights=None, trust_pickle: bool = False,
     shape = input_shape_from(data, specs, default_shape, layout=layout)
     ds, batches = calibration_batches(data, shape, batch_size=batch_size, layout=layout)
     result = population_statistics(model, batches, max_batches=max_batches, pooled=pooled)
-    from bnfold.train import read_checkpoint_config
+    from bnfold.torch_io import read_checkpoint_config
     config = (read_checkpoint_config(source.path) if source.kind == "file" else None) or {"model": spec}
     config["calibration"] = {**result.summary(), "data": ds.name, "batch_size": batch_size,
                              "input_shape": list(shape)}

@@ -1,7 +1,9 @@
 """Validity checks on a folded model: ``onnx.checker`` (full check, which includes strict shape inference).
 
 The check runs on the written file (inside the atomic save, before the rename), so the model is not serialized
-a second time just to be checked; an in-memory model is checked through a temporary file when over 2 GB.
+a second time just to be checked; an in-memory model is checked through a temporary file when over 2 GB. A
+skeleton (:mod:`bnfold.protofile`) is checked without its large tensors' data: the checker only checks that
+data's size, which the index checked exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import onnx
 
+from bnfold import protofile
 from bnfold.errors import InternalError
 from bnfold.onnx_io import tensor_bytes
 
@@ -23,7 +26,10 @@ _2GB = 2**31 - 1
 def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     """The first line of onnx.checker's complaint (full check) about a model or model file, or None."""
     try:
-        if isinstance(model, onnx.ModelProto) and tensor_bytes(model) > _2GB // 2:
+        if isinstance(model, onnx.ModelProto) and protofile.has_references(model):
+            with protofile.checkable(model) as p:  # a skeleton: checked without its large tensors' data
+                onnx.checker.check_model(p, full_check=True)
+        elif isinstance(model, onnx.ModelProto) and tensor_bytes(model) > _2GB // 2:
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "m.onnx")
                 onnx.save_model(model, p, save_as_external_data=True, location="m.data")

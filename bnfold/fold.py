@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from bnfold import protofile
 from bnfold.check import folded_checker
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold import FoldOptions, fold_model
@@ -20,13 +21,19 @@ def inspect_onnx_file(path: str | os.PathLike, options: FoldOptions | None = Non
     """What folding ``path`` would do to each BatchNorm; writes nothing. With ``precision``
     (:class:`bnfold.precision.PrecisionOptions`) the fold is carried out in memory and the report holds the
     range certificate (``extra["precision"]``)."""
-    loaded = load_model(path)
     if precision is not None:
         from bnfold.precision import fold_to_dtype
+        loaded = load_model(path)
         report = fold_to_dtype(loaded.model, options, precision, name=str(path), inplace=True, source_path=path)[1]
         report.dry_run = True
         return report
-    return fold_model(loaded.model, options, dry_run=True, name=str(path), source_path=path)[1]
+    from bnfold import provenance as prov_mod
+
+    with load_model(path, skeleton=True) as loaded:
+        report = fold_model(loaded.model, options, dry_run=True, name=str(path),
+                            source_path=None if loaded.source is not None else path)[1]
+    report.extra["provenance"] = prov_mod.provenance(str(path))
+    return report
 
 
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
@@ -58,32 +65,54 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
             raise BnfoldError(f"output {dst_p} is a folder: give a file path such as {dst_p / 'folded.onnx'}")
         # the output (and the old data files its write removes) must not be the input or its external data
         OutputPlan().read_model(src_p).write_model(dst_p, "output", in_place=in_place).check()
-    loaded = load_model(src_p)
-    # without --verify the original is not needed again: fold the loaded model in place (no copy)
     if precision is not None and not dry_run:
+        # fp16/bf16 conversion rewrites every float tensor: the whole model is loaded (no skeleton)
         from bnfold.precision import fold_to_dtype
+        loaded = load_model(src_p)
         folded, report = fold_to_dtype(loaded.model, options, precision, name=str(src_p), inplace=not verify,
                                        source_path=src_p)
-    else:
-        folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
-                                    source_path=src_p)
-    report.extra["provenance"] = prov
-    if dry_run:
+        report.extra["provenance"] = prov
+        prov_mod.record(folded, prov)
+        if verify:
+            _verify_or_raise(loaded.model, folded, report, verify)
+        external = loaded.external_data
+        del loaded
+        _release_memory()
+        warnings: list[str] = []
+        validate = folded_checker(src_p, str(src_p), warnings) if check else None
+        save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
+        report.extra["output"] = str(dst_p)
+        if warnings:
+            report.extra["warnings"] = warnings
         return report
-    prov_mod.record(folded, prov)
-    if verify:
-        _verify_or_raise(loaded.model, folded, report, verify)
-    external = loaded.external_data
-    del loaded  # the original is no longer needed: free it before serializing the result
-    _release_memory()
-    warnings: list[str] = []
-    validate = folded_checker(src_p, str(src_p), warnings) if check else None
-    save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
+    with load_model(src_p, skeleton=True) as loaded, protofile.deferred_tensors():
+        # the file is read once: large tensors stay in it (a skeleton, bnfold.protofile) and are read on demand
+        source_path = None if loaded.source is not None else src_p  # a skeleton is checked as is
+        # without --verify the original is not needed again: fold the loaded model in place (no copy)
+        folded, report = fold_model(loaded.model, options, dry_run=dry_run, name=str(src_p), inplace=not verify,
+                                    source_path=source_path)
+        report.extra["provenance"] = prov
+        if dry_run:
+            return report
+        prov_mod.record(folded, prov)
+        if verify:
+            if loaded.source is not None:
+                reference, candidate = loaded.source.materialize(), loaded.source.materialize(folded)
+            else:
+                reference, candidate = loaded.model, folded
+            _verify_or_raise(reference, candidate, report, verify)
+            del reference, candidate
+        external = loaded.external_data
+        if loaded.source is None:
+            loaded.model = None  # the original is no longer needed: free it before serializing the result
+            _release_memory()
+        warnings: list[str] = []
+        validate = folded_checker(src_p, str(src_p), warnings) if check else None
+        save_model(folded, dst_p, external_data=external, copy=False, validate=validate)
     if warnings:
         report.extra["warnings"] = warnings
     report.extra["output"] = str(dst_p)
     return report
-
 
 
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,

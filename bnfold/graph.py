@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnfold import protofile
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -187,7 +189,8 @@ class ModelGraph:
         """Bytes a computed constant may take: the model's initializer bytes, at least 1 MiB (computed once,
         when first needed)."""
         if self._size_bound is None:
-            self._size_bound = max(_MIN_EVAL_BYTES, sum(t.ByteSize() for g in self.graphs for t in g.inits.values()))
+            self._size_bound = max(_MIN_EVAL_BYTES, sum(protofile.tensor_size(t) for g in self.graphs
+                                                         for t in g.inits.values()))
         return self._size_bound
 
     @staticmethod
@@ -333,7 +336,7 @@ class ModelGraph:
         for f in ("node", "input", "output", "value_info", "sparse_initializer"):
             getattr(light.graph, f).extend(getattr(src, f))
         for t in src.initializer:
-            if t.ByteSize() > 4096 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            if protofile.tensor_size(t) > 4096 and t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
                 stub = light.graph.initializer.add()
                 stub.name, stub.data_type = t.name, t.data_type
                 stub.dims.extend(t.dims)
@@ -448,7 +451,7 @@ class ModelGraph:
 
 def _to_array(t: onnx.TensorProto) -> np.ndarray:
     try:
-        return numpy_helper.to_array(t)
+        return protofile.tensor_array(t)  # a skeleton's reference is read from its source
     except Exception as exc:  # data that does not match the dims: the checker does not look at tensor data
         from bnfold.errors import BnfoldError
         raise BnfoldError(f"initializer '{t.name}' is corrupted ({str(exc)[:200]}); fix or re-export the model") \

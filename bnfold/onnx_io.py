@@ -21,8 +21,9 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import set_external_data, uses_external_data
 
+from bnfold import protofile
 from bnfold.errors import BnfoldError
-from bnfold.outputs import (
+from bnfold.outputs import (  # noqa: F401 (write_*_atomic re-exported: they used to live here)
     check_target,
     clean_stale_temps,
     critical_section,
@@ -31,7 +32,10 @@ from bnfold.outputs import (
     model_companions,
     new_data_name,
     temp_name,
+    write_bytes_atomic,
+    write_text_atomic,
 )
+from bnfold.protofile import iter_model_tensors  # noqa: F401 (re-exported)
 
 MIN_OPSET = 6
 _2GB = 2**31 - 1
@@ -42,32 +46,19 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     external_data: bool
+    #: with ``load_model(skeleton=True)``: the open source file whose large tensors ``model`` refers to (see
+    #: :mod:`bnfold.protofile`); close it (or use the LoadedModel as a context manager) when done
+    source: protofile.Source | None = None
 
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
 
-def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _iter_graph_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _iter_graph_tensors(g)
+    def __enter__(self) -> LoadedModel:
+        return self
 
-
-def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the model: initializers and tensor attributes, in subgraphs and functions too."""
-    yield from _iter_graph_tensors(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -101,7 +92,7 @@ def _external_entries(t: onnx.TensorProto, label: str) -> dict[str, str]:
 def _check_external_locations(model: onnx.ModelProto, base: Path, label: str = "model") -> None:
     base_real = base.resolve()
     for t in iter_model_tensors(model):
-        if not uses_external_data(t):
+        if not uses_external_data(t) or protofile.is_reference(t):
             continue
         loc = _external_entries(t, label).get("location", "")
         p = Path(loc)
@@ -123,8 +114,12 @@ def _check_external_locations(model: onnx.ModelProto, base: Path, label: str = "
             )
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load and validate an ONNX model file; raise :class:`BnfoldError` with a one-line reason otherwise."""
+def load_model(path: str | os.PathLike, *, skeleton: bool = False) -> LoadedModel:
+    """Load and validate an ONNX model file; raise :class:`BnfoldError` with a one-line reason otherwise.
+
+    With ``skeleton`` the model's large tensors stay in the file, as references that
+    :func:`bnfold.protofile.tensor_array` reads on demand (:mod:`bnfold.protofile`); the same checks apply.
+    Close the result when done."""
     p = Path(path)
     if not p.exists():
         raise BnfoldError(f"{p}: no such file")
@@ -136,22 +131,39 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
 
     if (msg := not_onnx_message(p)) is not None:  # a torch/safetensors file: say so, and the fix
         raise BnfoldError(msg)
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, RuntimeWarning-turned-errors, ...
-        raise BnfoldError(
-            f"{p}: not an ONNX model (protobuf parse failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            "is the file truncated or corrupted?"
-        ) from None
-    validate_model(model, str(p))
-    external = any(uses_external_data(t) for t in iter_model_tensors(model))
-    if external:
-        _check_external_locations(model, p.parent, str(p))
+    source = None
+    if skeleton:
         try:
-            onnx.load_external_data_for_model(model, str(p.parent))
-        except Exception as exc:
-            raise BnfoldError(f"{p}: cannot read external data ({exc})") from None
-    return LoadedModel(model, p, external)
+            source = protofile.open_model(p)
+        except OSError as exc:
+            raise BnfoldError(f"{p}: cannot read it ({exc.strerror})") from None
+    try:
+        if source is not None:
+            model = source.skeleton
+        else:
+            try:
+                model = onnx.load(str(p), load_external_data=False)
+            except Exception as exc:  # protobuf DecodeError, RuntimeWarning-turned-errors, ...
+                raise BnfoldError(
+                    f"{p}: not an ONNX model (protobuf parse failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                    "is the file truncated or corrupted?"
+                ) from None
+        validate_model(model, str(p))
+        external = any(uses_external_data(t) and not protofile.is_reference(t) for t in iter_model_tensors(model))
+        if external:
+            _check_external_locations(model, p.parent, str(p))
+            if skeleton:
+                source = protofile.open_external_model(model, p)
+            if source is None:
+                try:
+                    onnx.load_external_data_for_model(model, str(p.parent))
+                except Exception as exc:
+                    raise BnfoldError(f"{p}: cannot read external data ({exc})") from None
+        return LoadedModel(model, p, external, source)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
 
 
 def validate_model(model: onnx.ModelProto, label: str = "model") -> None:
@@ -194,16 +206,22 @@ def _check_text_fields(graph: onnx.GraphProto, label: str) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               copy: bool = True, validate: Callable[[Path], None] | None = None) -> Path:
+               copy: bool = True, validate: Callable[[Path | onnx.ModelProto], None] | None = None) -> Path:
     """Atomically write ``model`` to ``path``. Tensors go to ``<name>.<12 hex>.data`` beside it (a fresh
     name per write) when ``external_data`` is set or the model would not fit in one protobuf (2 GB). With
     ``copy=False`` the tensors of ``model`` may be moved to external storage in place (saves memory when the
-    caller discards the model). ``validate`` is called with the written temporary file before it is renamed
-    into place; if it raises, nothing is written.
+    caller discards the model). ``validate`` is called before the result is renamed into place, with the
+    written temporary file or (for a skeleton written without external data) with ``model`` itself; if it
+    raises, nothing is written.
+
+    ``model`` may be a skeleton (:func:`load_model` with ``skeleton=True``, folded or not): its references are
+    written as the source's own bytes (:mod:`bnfold.protofile`), and the file is the one the fully loaded
+    model would give.
 
     Model and data are one unit: both are written into a temporary folder beside the output, then, under a
     lock on the folder, the data file is renamed to its fresh name, the model renamed over ``path`` (the
-    switch), and only then the old model's data files removed. A crash at any instant leaves the old model
+    switch), and only then the data files the old model referred to removed (those no other model in the
+    folder refers to: :func:`bnfold.outputs.model_companions`). A crash at any instant leaves the old model
     with its data or the new one with its data; concurrent writers to one path end with one complete result;
     nothing depends on the working directory."""
     out = Path(path)
@@ -213,6 +231,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     check_target(out)
     if not external_data and tensor_bytes(model) > _2GB // 2:
         external_data = True
+    skeleton = protofile.has_references(model)
     clean_stale_temps(parent)
     data_name = new_data_name(out)
     tmpdir = parent / temp_name(out)
@@ -222,28 +241,37 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise BnfoldError(f"{out}: cannot write in folder {parent} ({exc.strerror})") from None
     try:
         tmp_model = tmpdir / out.name
+        checked: Path | onnx.ModelProto = tmp_model
         if external_data:
-            # onnx.save_model converts tensors in place: work on a copy so the caller's model is unchanged.
+            # tensors are converted in place: work on a copy so the caller's model is unchanged
             if copy:
                 m = onnx.ModelProto()
                 m.CopyFrom(model)
             else:
                 m = model
             for t in iter_model_tensors(m):  # drop stale external references from the source file
-                if uses_external_data(t):
+                if uses_external_data(t) and not protofile.is_reference(t):
                     raise AssertionError("model tensors must be loaded before saving")
-            for t in _iter_initializers(m.graph):
-                if t.HasField("raw_data") and len(t.raw_data) >= 1024:
-                    set_external_data(t, data_name)
-            # (not save_as_external_data: its "data file exists" check looks in the working directory)
-            onnx.save_model(m, str(tmp_model))
+            if skeleton:
+                protofile.write_external(m, tmp_model, tmpdir / data_name)
+            else:
+                for t in _iter_initializers(m.graph):
+                    if t.HasField("raw_data") and len(t.raw_data) >= protofile.EXTERNAL_MIN:
+                        set_external_data(t, data_name)
+                # (not save_as_external_data: its "data file exists" check looks in the working directory)
+                onnx.save_model(m, str(tmp_model))
+        elif skeleton:
+            protofile.write_embedded(model, tmp_model)
+            checked = model  # the skeleton: the same checks as the file, without reading its data back
         else:
             onnx.save_model(model, str(tmp_model))
         has_data = (tmpdir / data_name).exists()
-        if validate is not None:
-            validate(tmp_model)
-        for f in ([tmpdir / data_name] if has_data else []) + [tmp_model]:
-            fsync_file(f)
+        synced = _fsync_in_background(([tmpdir / data_name] if has_data else []) + [tmp_model])
+        try:
+            if validate is not None:
+                validate(checked)
+        finally:
+            synced()
         with folder_lock(parent), critical_section():
             check_target(out)
             old = [f for f in model_companions(out) if f.name != data_name]
@@ -256,6 +284,29 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _fsync_in_background(files: list[Path]) -> Callable[[], None]:
+    """fsync ``files`` in a thread (overlapping the check); the returned function waits and re-raises."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            for f in files:
+                fsync_file(f)
+        except BaseException as exc:  # reported by wait()
+            errors.append(exc)
+
+    th = threading.Thread(target=run, name="bnfold-fsync", daemon=True)
+    th.start()
+
+    def wait():
+        th.join()
+        if errors:
+            raise errors[0]
+    return wait
 
 
 def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -276,39 +327,6 @@ def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data in the initializers: a cheap lower bound of the serialized size."""
-    return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
-               + 8 * (len(t.int64_data) + len(t.double_data)) for t in model.graph.initializer)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; ``path`` must be
-    absent or a regular file (never a symlink, FIFO or device, which would be replaced)."""
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise BnfoldError(f"{out}: output folder {parent} does not exist")
-    check_target(out)
-    clean_stale_temps(parent)
-    tmp = parent / temp_name(out)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise BnfoldError(f"{out}: cannot write in folder {parent} ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with critical_section():
-            check_target(out)
-            os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    """Bytes of tensor data in the initializers (a skeleton's references count their data): a cheap lower bound
+    of the serialized size."""
+    return sum(protofile.tensor_nbytes(t) for t in model.graph.initializer)

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 TMP_SUFFIX = ".bnfold-tmp"
 _TMP_RE = re.compile(r"^\..*\.(\d+)\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$", re.S)
 _DATA_TOKEN = r"\.[0-9a-f]{12}\.data"
-_PARSE_LIMIT = 256 << 20  # an existing output bigger than this is not parsed for its external-data files
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
@@ -156,55 +155,58 @@ def _real(p: Path) -> Path:
 
 def external_data_files(model_path: str | os.PathLike) -> list[Path]:
     """The external-data files an ONNX model file refers to (same folder rules as loading; unreadable or
-    odd locations are left to the loader to refuse). Empty for a file that does not parse."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    from bnfold.onnx_io import iter_model_tensors
+    odd locations are left to the loader to refuse). Empty for a file that does not parse. Read from the
+    file's record index: the model is not parsed whole."""
+    from bnfold.protofile import external_locations
 
     p = Path(model_path)
     try:
         st = os.stat(p)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _PARSE_LIMIT:
-            return []
-        model = onnx.load(str(p), load_external_data=False)
-        files = []
-        for t in iter_model_tensors(model):
-            if uses_external_data(t):
-                loc = next((e.value for e in t.external_data if e.key == "location"), "")
-                if loc and "\x00" not in loc and not os.path.isabs(loc):
-                    f = _folder(p) / loc
-                    if f not in files:
-                        files.append(f)
-        return files
-    except Exception:  # not a model (the loader says why), or names that are not text
+    except (OSError, ValueError):
         return []
+    if not stat.S_ISREG(st.st_mode):
+        return []
+    files: list[Path] = []
+    for loc in external_locations(p) or []:
+        if isinstance(loc, str) and loc and "\x00" not in loc and not os.path.isabs(loc):
+            f = _folder(p) / loc
+            if f not in files:
+                files.append(f)
+    return files
+
+
+def _own_data_name(out: Path, f: Path) -> bool:
+    """``f`` is named like a data file bnfold writes for a model at ``out``: ``<name>.<12 hex>.data`` beside
+    it, or the ``<name>.data`` of earlier versions."""
+    return f.parent == _folder(out) and (re.fullmatch(re.escape(out.name) + _DATA_TOKEN, f.name) is not None
+                                         or f.name == out.name + ".data")
 
 
 def model_companions(out: str | os.PathLike) -> list[Path]:
-    """Files a model write to ``out`` removes once the new model is in place: external-data files of
-    bnfold's own naming (``<name>.<12 hex>.data``, from earlier writes or killed ones) and the current
-    model's ``<name>.data``."""
+    """Files a model write to ``out`` removes once the new model is in place: the data files that the model it
+    replaces refers to, when bnfold named them (``<name>.<12 hex>.data``, or ``<name>.data``), are regular
+    files, and no other ``.onnx`` model in the folder refers to them (a renamed or copied earlier result keeps
+    its data; so does every file the old model does not refer to)."""
     out = Path(out)
-    folder = _folder(out)
-    pattern = re.compile(re.escape(out.name) + _DATA_TOKEN)
-    found: list[Path] = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        entries = []
-    for e in entries:
-        if pattern.fullmatch(e):
-            f = folder / e
+    candidates = []
+    for f in external_data_files(out):
+        if _own_data_name(out, f):
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(f).st_mode):
-                    found.append(f)
-    legacy = folder / (out.name + ".data")
-    if legacy not in found and any(f == legacy for f in external_data_files(out)):
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(legacy).st_mode):
-                found.append(legacy)
-    return found
+                    candidates.append(f)
+    if not candidates:
+        return []
+    folder = _folder(out)
+    try:
+        others = [folder / e for e in os.listdir(folder) if e.lower().endswith(".onnx") and e != out.name]
+    except OSError:
+        return []  # cannot tell who else uses them: keep them
+    for other in others:
+        if not candidates:
+            break
+        used = external_data_files(other)
+        candidates = [f for f in candidates if f not in used]
+    return candidates
 
 
 def new_data_name(out: str | os.PathLike) -> str:
@@ -448,11 +450,42 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Render a matplotlib figure in the format its suffix names and write it atomically."""
     import io
 
-    from bnfold.onnx_io import write_bytes_atomic
-
     p = Path(path)
     if p.suffix.lower() not in FIGURE_SUFFIXES:
         raise BnfoldError(f"{p}: a plot is written as {', '.join(FIGURE_SUFFIXES)}; '{p.suffix}' is not one")
     buf = io.BytesIO()
     fig.savefig(buf, format=p.suffix.lower().lstrip("."), dpi=dpi)
     return write_bytes_atomic(p, buf.getvalue())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; ``path`` must be
+    absent or a regular file (never a symlink, FIFO or device, which would be replaced)."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BnfoldError(f"{out}: output folder {parent} does not exist")
+    check_target(out)
+    clean_stale_temps(parent)
+    tmp = parent / temp_name(out)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise BnfoldError(f"{out}: cannot write in folder {parent} ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with critical_section():
+            check_target(out)
+            os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

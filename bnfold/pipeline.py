@@ -353,7 +353,8 @@ def prepare_run(model: str, *, data: str | None = None, calibrate_data: str | No
     :func:`bnfold.torch_io.choose_weights` applies)."""
     from bnfold.data import load_for_model
     from bnfold.provenance import provenance
-    from bnfold.torch_io import WeightsSource, choose_weights, is_onnx_path, load_torch_model
+    from bnfold.specs import is_onnx_path
+    from bnfold.torch_io import WeightsSource, choose_weights, load_torch_model
 
     if is_onnx_path(model):
         from bnfold.onnx_io import load_model

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from bnfold import formula
+from bnfold import formula, protofile
 from bnfold.graph import (
     Binding,
     ModelGraph,
@@ -458,7 +458,7 @@ class _Editor:
 
 
 def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+    return protofile.new_tensor(arr, name)  # from_array, or a reference while a file is folded (bnfold.protofile)
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:

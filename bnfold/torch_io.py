@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,9 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError
+from bnfold.specs import MAX_INPUT_ELEMENTS, InputSpec, is_onnx_path, parse_input_shape  # noqa: F401 (re-exported)
 
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-MAX_INPUT_ELEMENTS = 2**31 - 1  # per input: beyond int32 indexing, and 8 GB of float32
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -116,7 +118,6 @@ def choose_weights(spec: str, weights: str | Path | None = None, random_weights:
 def _checkpoint_statistics(p: Path) -> str | None:
     """Where a bnfold checkpoint's BN statistics came from (train/calibrate record it), else None."""
     try:
-        from bnfold.train import read_checkpoint_config
         config = read_checkpoint_config(p)
     except BnfoldError:
         return None
@@ -126,27 +127,6 @@ def _checkpoint_statistics(p: Path) -> str | None:
     data = cal.get("data") or (config or {}).get("data") or "unrecorded data"
     samples = f" ({cal['samples']} samples)" if cal.get("samples") else ""
     return f"{cal.get('method', 'algorithm2')} over {data}{samples}, recorded in the checkpoint"
-
-
-@dataclass
-class InputSpec:
-    name: str | None
-    shape: tuple[int, ...]
-
-
-def parse_input_shape(text: str) -> InputSpec:
-    name, _, dims = text.rpartition("=")
-    parts = dims.lower().replace(",", "x").split("x")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise BnfoldError(f"--input-shape '{text}': expected dimensions like 1x3x224x224 (or NAME=1x3x224x224)") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise BnfoldError(f"--input-shape '{text}': every dimension must be a positive integer")
-    if math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise BnfoldError(f"--input-shape '{text}': {math.prod(shape):.3g} elements is too large for an example "
-                          f"input (at most {MAX_INPUT_ELEMENTS:,}); give the shape of one real input")
-    return InputSpec(name or None, shape)
 
 
 def torch_message(exc: BaseException, limit: int = 200) -> str:
@@ -307,11 +287,6 @@ def example_inputs(shapes: list[InputSpec], default_shape: tuple[int, ...] | Non
                           "pass a smaller --input-shape") from None
 
 
-def is_onnx_path(model: str) -> bool:
-    """Whether MODEL (a command-line argument) names an ONNX file rather than a PyTorch spec."""
-    return str(model).lower().endswith(".onnx") or Path(model).is_file()
-
-
 def load_torch_model(spec: str, *, weights: str | Path | WeightsSource | None = None, trust_pickle: bool = False,
                      input_shapes: list[str] | None = None,
                      random_weights: bool = False) -> tuple[nn.Module, tuple, list[str] | None]:
@@ -381,3 +356,30 @@ def make_variant(spec: str, model: nn.Module, inputs: tuple) -> tuple[str, nn.Mo
     elif variant == "nobn":
         model = strip_batchnorm(model)
     return spec, model, tuple(inputs[0].shape)
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
+    """The bnfold config stored in a checkpoint, or None (reads no pickle). A config that is present but
+    not a JSON object is bad input (:class:`BnfoldError`)."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            text = meta.get("bnfold.config")
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            text = obj.get("bnfold") if isinstance(obj, dict) else None
+    except Exception:
+        return None
+    if text is None:
+        return None
+    try:
+        config = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise BnfoldError(f"{p}: its bnfold config is not a JSON object; remove the 'bnfold.config' metadata "
+                          "(or the 'bnfold' entry) or write it as a JSON object")
+    return config

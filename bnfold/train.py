@@ -28,7 +28,8 @@ from bnfold.calibrate import CalibrationResult, population_statistics
 from bnfold.data import Dataset, load_dataset
 from bnfold.errors import BnfoldError
 from bnfold.models import zoo
-from bnfold.onnx_io import write_bytes_atomic
+from bnfold.outputs import write_bytes_atomic
+from bnfold.torch_io import read_checkpoint_config  # noqa: F401 (re-exported: checkpoints are read there)
 
 log = logging.getLogger(__name__)
 
@@ -207,30 +208,3 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config: dict) -> 
     else:
         raise BnfoldError(f"{p}: checkpoints are .safetensors (recommended) or .pt/.pth")
     return write_bytes_atomic(p, blob)
-
-
-def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
-    """The bnfold config stored in a checkpoint, or None (reads no pickle). A config that is present but
-    not a JSON object is bad input (:class:`BnfoldError`)."""
-    p = Path(path)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-            text = meta.get("bnfold.config")
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-            text = obj.get("bnfold") if isinstance(obj, dict) else None
-    except Exception:
-        return None
-    if text is None:
-        return None
-    try:
-        config = json.loads(text) if isinstance(text, (str, bytes)) else None
-    except ValueError:
-        config = None
-    if not isinstance(config, dict):
-        raise BnfoldError(f"{p}: its bnfold config is not a JSON object; remove the 'bnfold.config' metadata "
-                          "(or the 'bnfold' entry) or write it as a JSON object")
-    return config

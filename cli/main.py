@@ -85,7 +85,7 @@ def _precision(dtype, io_dtype, strict_range, data=None, input_shape=()):
             raise click.UsageError("--io-dtype and --strict-range need --dtype fp16|bf16")
         return None
     from bnfold.precision import PrecisionOptions
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
 
     shapes = {s.name: s.shape for s in map(parse_input_shape, input_shape or ())}
     return PrecisionOptions(dtype=dtype, io_dtype=io_dtype, strict_range=strict_range, data=data,
@@ -98,7 +98,7 @@ def _options(lower_standalone: bool, no_forward: bool, no_affine: bool, no_merge
 
 
 def _is_onnx(model: str) -> bool:
-    from bnfold.torch_io import is_onnx_path
+    from bnfold.specs import is_onnx_path
     return is_onnx_path(model)
 
 
@@ -284,12 +284,12 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
 
 
 def _shapes(input_shape) -> list:
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
     return [parse_input_shape(s) for s in input_shape]
 
 
 def _verify_kwargs(model, candidate_path, input_shape, ep, data, atol, rtol, batch, seed, layout) -> dict:
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
 
     kwargs = dict(input_shapes=[parse_input_shape(s) for s in input_shape], ep=ep, atol=atol, rtol=rtol,
                   batch=batch, seed=seed)
@@ -341,7 +341,7 @@ def verify(reference: str, candidate: Path, ep, data, atol, rtol, batch, seed, m
       bnfold verify small_resnet folded.onnx --weights ckpt.safetensors --ep cuda
     """
     from bnfold.onnx_io import load_model
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
     from bnfold.verify import verify as run_verify
 
     source = _weights_for(reference, weights, random_weights)
@@ -461,7 +461,7 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
 
     from bnfold.bench import bench as run_bench
     from bnfold.bench import plot
-    from bnfold.torch_io import parse_input_shape
+    from bnfold.specs import parse_input_shape
 
     from .progress import BenchDisplay
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnfold import formula
+from bnfold import formula, protofile
 from bnfold.graph import Binding, ModelGraph, NodeKey, NotConst, is_float_dtype
 
 #: A parameter slot of a layer: an input index, or BIAS_ADD, the bias of a MatMul that has no bias input yet
@@ -179,7 +179,7 @@ class Context:
                 return None
             raise Skip("producer_weight_not_constant", f"{self.mg.label(key)} has no {what}")
         init = self.mg.graphs[b.graph].inits.get(b.name)
-        if slot == 1 and init is not None and not self.mg.is_overridable(b) and init.ByteSize() > 1 << 16:
+        if slot == 1 and init is not None and not self.mg.is_overridable(b) and protofile.tensor_size(init) > 1 << 16:
             # a large stored weight: read when applied, not held by the plan
             dtype = self.mg.np_dtype(b)
             if dtype is not None and is_float_dtype(dtype):
