@@ -273,17 +273,35 @@ def _to_param_dtype(values: np.ndarray, like: torch.Tensor, what: str) -> torch.
     return t.to(like.device)
 
 
-def _apply(model: nn.Module, layer_fqn: str, w_new: np.ndarray, b_new: np.ndarray) -> None:
-    layer = model.get_submodule(layer_fqn)
-    w = layer.weight
-    w_t = _to_param_dtype(w_new, w, f"{layer_fqn}.weight")
-    b_t = _to_param_dtype(b_new, w, f"{layer_fqn}.bias")
+def _apply(model: nn.Module, folds: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Write each layer's folded weight and bias; every value is cast (and checked) before the first write, so a
+    cast overflow leaves every layer as it was."""
+    cast = []
+    for layer_fqn, w_new, b_new in folds:
+        layer = model.get_submodule(layer_fqn)
+        w = layer.weight
+        cast.append((layer, _to_param_dtype(w_new, w, f"{layer_fqn}.weight"),
+                     _to_param_dtype(b_new, w, f"{layer_fqn}.bias")))
     with torch.no_grad():
-        layer.weight.copy_(w_t)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(b_t, requires_grad=w.requires_grad)
-        else:
-            layer.bias.copy_(b_t)
+        for layer, w_t, b_t in cast:
+            layer.weight.copy_(w_t)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b_t, requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.copy_(b_t)
+
+
+@dataclass
+class _Plan:
+    """A fold: the layers that absorb the BN (one, or several whose outputs a channel concat joins) and the
+    name shown as where it went (``into_layer``: that layer, or the module that concatenates)."""
+
+    folds: list[tuple[str, np.ndarray, np.ndarray]]
+    into_layer: str
+
+    @property
+    def layers(self) -> list[str]:
+        return [f for f, _, _ in self.folds]
 
 
 def _replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -535,29 +553,35 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
                                       "normalisation stand(s) between it and any consumer"))
                 continue
             try:
-                layer, w_new, b_new = (_plan_backward if direction == "backward" else _plan_forward)(
+                plan = (_plan_backward if direction == "backward" else _plan_forward)(
                     model, call, x, y, affine, by_fqn, producer_of if direction == "backward" else call_of,
                     graph_outputs, param_users)
-                _apply(model, layer, w_new, b_new)
+                _apply(model, plan.folds)
             except _Skip as s:
                 attempts.append(s)
                 continue
             _replace_module(model, bn_name, nn.Identity() if tail is None else tail.module)
-            folded_layers.add(layer)
+            layers = plan.layers
+            folded_layers.update(layers)
             own = {n for n, _ in module.named_parameters(recurse=False)} | {
                 n for n, _ in module.named_buffers(recurse=False)}
             for k in list(param_map):
                 if k.startswith(bn_name + ".") and k[len(bn_name) + 1:] in own:  # a tail child's keep their names
                     leaf = k[len(bn_name) + 1:]
                     param_map[k] = ([] if leaf == "num_batches_tracked" else
-                                    [f"{layer}.bias"] if leaf in ("bias", "running_mean") and direction == "backward"
-                                    else [f"{layer}.weight", f"{layer}.bias"])
-            message = f"folded {direction} into {layer}"
+                                    [f"{la}.bias" for la in layers] if leaf in ("bias", "running_mean")
+                                    and direction == "backward" else
+                                    [f"{la}.{p}" for la in layers for p in ("weight", "bias")])
+            into = "+".join(layers)
+            message = f"folded {direction} into {into}"
+            if len(layers) > 1:
+                message += f" (the channel slices of their concat in {plan.into_layer})"
             if tail is not None and tail.names:
                 message += (f"; the rest of its forward ({', '.join(tail.names)}) stays as {bn_name} "
                             f"({type(tail.module).__name__})")
-            entries.append(FoldEntry(bn=bn_name, status="folded", into=layer, direction=direction,
-                                     message=message, op=type(module).__name__, layer=bn_name, into_layer=layer))
+            entries.append(FoldEntry(bn=bn_name, status="folded", into=into, direction=direction,
+                                     message=message, op=type(module).__name__, layer=bn_name,
+                                     into_layer=plan.into_layer))
             break
         else:
             informative = [a for a in attempts if a.code != "no_foldable_neighbour"]
@@ -616,14 +640,72 @@ def _layer_arrays(model: nn.Module, fqn: str):
     return layer, w, b
 
 
-def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs, param_users):
+def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs, param_users) -> _Plan:
     prod = producer_of.get(x)
-    if prod is None or prod.kind not in ("conv", "conv_t", "linear"):
-        raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear")
+    parts = None if prod is not None else _concat_parts(x, producer_of)
+    if parts is None and (prod is None or prod.kind not in ("conv", "conv_t", "linear")):
+        raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear "
+                    "(or a channel concat of them)")
     users_outside = [u for u in x.users if u not in call.node_set]
     if users_outside or x in graph_outputs:
-        raise _Skip("producer_output_shared", f"the output of {prod.fqn} is also used by something besides the "
+        what = prod.fqn if prod is not None else "the concat"
+        raise _Skip("producer_output_shared", f"the output of {what} is also used by something besides the "
                     "BatchNorm: folding would change what it sees")
+    if parts is None:
+        w_new, b_new = _fold_into_producer(model, prod, x, affine, by_fqn, param_users)
+        return _Plan([(prod.fqn, w_new, b_new)], prod.fqn)
+    # a channel concat of layer outputs (timm's MixedConv2d): each layer absorbs its slice of the channels
+    for node, p in parts:
+        if len(node.users) != 1 or node in graph_outputs:
+            raise _Skip("producer_output_shared", f"the output of {p.fqn} is also used besides the concat")
+    sizes = [_out_channels(model, p) for _, p in parts]
+    if sum(sizes) != affine.channels:
+        raise _Skip("channel_count_mismatch", f"{affine.channels} channels but the concatenated layers have "
+                    f"{sum(sizes)}")
+    folds, start = [], 0
+    for (node, p), n in zip(parts, sizes):
+        piece = formula.Affine(affine.scale[start:start + n], affine.shift[start:start + n])
+        folds.append((p.fqn, *_fold_into_producer(model, p, node, piece, by_fqn, param_users)))
+        start += n
+    if len({f for f, _, _ in folds}) != len(folds):
+        raise _Skip("module_reused", "the same layer feeds the concat twice")
+    stack = x.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1][0] if stack else ""
+    return _Plan(folds, owner or "+".join(f for f, _, _ in folds))
+
+
+def _concat_parts(x, producer_of):
+    """``[(input node, producing call)]`` when ``x`` is a concat along axis 1 of conv/linear call outputs."""
+    if x.op != "call_function":
+        return None
+    target = x.target
+    name = getattr(target, "__name__", str(target))
+    if name not in ("cat", "cat.default", "concat", "concatenate") or not x.args:
+        return None
+    inputs = x.args[0]
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", x.kwargs.get("axis", 0))
+    r = _rank(x)
+    if not isinstance(inputs, (list, tuple)) or len(inputs) < 1 or not isinstance(dim, int) or r is None:
+        return None
+    if dim % r != 1:
+        return None
+    parts = []
+    for node in inputs:
+        p = producer_of.get(node)
+        if p is None or p.kind not in ("conv", "conv_t", "linear"):
+            return None
+        parts.append((node, p))
+    return parts
+
+
+def _out_channels(model, call: _Call) -> int:
+    layer = model.get_submodule(call.fqn)
+    if call.kind == "conv_t":
+        return int(layer.weight.shape[1] * layer.groups)
+    return int(layer.weight.shape[0])
+
+
+def _fold_into_producer(model, prod: _Call, x, affine, by_fqn, param_users):
     _layer_checks(model, prod, by_fqn, "producer", param_users)
     layer, w, b = _layer_arrays(model, prod.fqn)
     if prod.kind == "linear":
@@ -639,8 +721,7 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
         out_channels, layout = w.shape[1] * groups, "in_out"
     if affine.channels != out_channels:
         raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {prod.fqn} has {out_channels}")
-    w_new, b_new = formula.fold_backward(w, b, affine, layout=layout, groups=groups)
-    return prod.fqn, w_new, b_new
+    return formula.fold_backward(w, b, affine, layout=layout, groups=groups)
 
 
 def _identity_in_eval(model: nn.Module, node) -> bool:
@@ -710,7 +791,7 @@ def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs, par
     if affine.channels != w.shape[1] * groups:
         raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {cons.fqn} reads {w.shape[1] * groups}")
     w_new, b_new = formula.fold_forward(w, b, affine, layout="out_in", groups=groups)
-    return cons.fqn, w_new, b_new
+    return _Plan([(cons.fqn, w_new, b_new)], cons.fqn)
 
 
 def count_foldable_bn(model: nn.Module) -> int:

@@ -264,3 +264,67 @@ def test_strip_batchnorm_keeps_the_activation():
     x = torch.randn(2, 3, 7, 7) * 5
     with torch.no_grad():
         torch.testing.assert_close(stripped(x), nn.functional.hardtanh(model[0](x)))
+
+
+# ------------------------------------------------------------------------------------------------ channel concat
+class MixedConv2d(nn.Module):
+    """timm.layers.MixedConv2d, reproduced: the channels split into groups, each its own kernel size, outputs
+    concatenated on the channel axis (mixnet). A BN after it folds into each conv's slice of the channels."""
+
+    def __init__(self, cin, couts=(3, 2, 1), kernels=(3, 5, 1), dim=1):
+        super().__init__()
+        self.splits = [cin // len(couts)] * (len(couts) - 1)
+        self.splits.append(cin - sum(self.splits))
+        self.convs = nn.ModuleList(nn.Conv2d(s, c, k, padding=k // 2, bias=i == 1)
+                                   for i, (s, c, k) in enumerate(zip(self.splits, couts, kernels)))
+        self.dim = dim
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        outs = [c(parts[i]) for i, c in enumerate(self.convs)]
+        return torch.cat(outs, self.dim)
+
+
+class SharedMixed(MixedConv2d):
+    """A conv's output is also read besides the concat (its mean added to the BN's output)."""
+
+    def __init__(self, cin):
+        super().__init__(cin)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        outs = [c(parts[i]) for i, c in enumerate(self.convs)]
+        return self.bn(torch.cat(outs, 1)) + outs[0].mean()
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_bn_act_after_a_channel_concat_of_convs_folds_into_each(tracer):
+    model = zoo.randomize_bn(seq(MixedConv2d(6), BatchNormAct2d(6, nn.ReLU6))).eval()
+    x = torch.randn(2, 6, 7, 7)
+    res = fold_module(model, x, tracer=tracer)
+    assert (res.report.folded, res.report.bn_total) == (1, 1), res.report.to_dict()
+    e = res.report.entries[0]
+    assert e.into == "0.convs.0+0.convs.1+0.convs.2" and e.direction == "backward"
+    assert e.into_layer == "0"  # the module that concatenates (the fold record's tensor is its output)
+    assert res.param_map["1.running_mean"] == ["0.convs.0.bias", "0.convs.1.bias", "0.convs.2.bias"]
+    assert count_foldable_bn(res.module) == 0 and all(c.bias is not None for c in res.module[0].convs)
+    with torch.no_grad():
+        assert_close(res.module(x).numpy(), copy.deepcopy(model).double()(x.double()).numpy())
+
+
+@pytest.mark.parametrize("case,reason", [("other_axis", "no_foldable_neighbour"),
+                                         ("conv_output_shared", "producer_output_shared")])
+def test_concat_that_is_not_exactly_the_bn_input_is_skipped(case, reason):
+    if case == "other_axis":  # concatenated along H: a conv's output is not a slice of the BN's channels
+        model = seq(MixedConv2d(6, couts=(4, 4, 4), dim=2), nn.BatchNorm2d(4))
+    else:
+        model = SharedMixed(6)
+    model = zoo.randomize_bn(model).eval()
+    x = torch.randn(2, 6, 7, 7)
+    res = fold_module(model, x)
+    assert [e.reason for e in res.report.entries] == [reason], res.report.to_dict()
+    state, new_state = model.state_dict(), res.module.state_dict()
+    assert set(state) == set(new_state) and all(torch.equal(state[k], new_state[k]) for k in state)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x))
