@@ -66,7 +66,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
                fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False,
-               verify: dict | bool | None = None):
+               verify: dict | bool | None = None, reparameterize: bool = False):
     """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
 
     Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
@@ -74,15 +74,26 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
     elsewhere is never folded, but a functional pattern may be) is marked folded with where it went.
     With ``fold=False`` the export keeps every BatchNormalization (a reference for `bnfold verify`).
     ``verify`` compares the folded ONNX model with the original module (run eagerly) before writing.
+    With ``reparameterize`` every module's own deploy switch (``reparameterize()``, ``switch_to_deploy()``,
+    ``fuse()``, ``fuse_model()``; see :func:`bnfold.torch_fold.reparameterize`) is called first, on a copy; the
+    report's ``reparameterized`` says which. ``verify`` still compares with the model as given.
     """
     from bnfold.export import export_onnx
     from bnfold.torch_fold import fold_module
+    from bnfold.torch_fold import reparameterize as call_deploy_switches
 
     result = None
     module = model
+    switched = None
+    if reparameterize:
+        module, calls = call_deploy_switches(model)
+        switched = {"count": len(calls), "modules": [c.to_dict() for c in calls]}
+        log.info("reparameterized %d module(s) with their own deploy switches", len(calls))
     if fold:
-        result = fold_module(model, example_inputs)
+        result = fold_module(module, example_inputs, inplace=reparameterize)  # a copy already when switched
         module = result.module
+        if switched is not None:
+            result.report.extra["reparameterized"] = switched
         if dry_run:
             result.report.dry_run = True
             return result, result.report
@@ -98,6 +109,8 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         from bnfold.onnx_fold import inspect_model
         report = FoldReport(entries=[], model=type(model).__name__, extra={"fold": False})
         report.extra["onnx_bn_kept"] = inspect_model(exported).bn_total
+        if switched is not None:
+            report.extra["reparameterized"] = switched
     if verify and fold:
         _verify_or_raise(model, onnx_model, report, verify)
     if dst is not None:
@@ -108,6 +121,18 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         if warnings:
             report.extra["warnings"] = warnings
     return result, report
+
+
+def inspect_torch(model, example_inputs, options: FoldOptions | None = None, *,
+                  reparameterize: bool = False) -> FoldReport:
+    """What folding a PyTorch module would do to each BatchNorm (module level; writes nothing), and which of its
+    modules carry their own deploy switch (``deploy_switches`` in the report: path, class, method), which
+    ``reparameterize`` would call first."""
+    from bnfold.torch_fold import find_deploy_switches
+
+    _, report = fold_torch(model, example_inputs, None, options, dry_run=True, reparameterize=reparameterize)
+    report.extra["deploy_switches"] = [s.to_dict() for s in find_deploy_switches(model)]
+    return report
 
 
 def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:

@@ -38,6 +38,8 @@ class RunOptions:
     sessions: int | None = None
     #: name a latency difference only beyond this fraction (and when its interval excludes 1)
     min_effect: float = 0.02
+    #: PyTorch models: call the modules' own deploy switches before folding (the reference stays as given)
+    reparameterize: bool = False
 
 
 def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple | None = None,
@@ -89,7 +91,8 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
             from bnfold.export import export_onnx
             from bnfold.fold import fold_torch
             original = export_onnx(model, example_inputs, input_names=input_names, keep_bn=True)
-            _, fold_report = fold_torch(model, example_inputs, out / "folded.onnx", input_names=input_names)
+            _, fold_report = fold_torch(model, example_inputs, out / "folded.onnx", input_names=input_names,
+                                        reparameterize=options.reparameterize)
             folded = None
     save_model(original, out / "original.onnx")
     if folded is not None:
@@ -184,6 +187,10 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | folded ({e['direction']}) | {markdown_text(e.get('into_layer') or e['into'])} | | |")
         else:
             lines.append(f"| {name} | **skipped** | | `{e['reason']}` | {markdown_text(e['message'])} |")
+    if fold.get("reparameterized"):
+        from bnfold.torch_fold import describe_switches
+        lines += ["", f"Before folding, the model's own deploy switches were called: "
+                  f"{markdown_text(describe_switches(fold['reparameterized']['modules']))}."]
     if fold.get("onnx_pass"):
         op = fold["onnx_pass"]
         lines += ["", f"After export, the ONNX pass saw {op['bn_total']} BatchNormalization left and folded "

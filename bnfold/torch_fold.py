@@ -921,3 +921,12 @@ def reparameterize(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
         root = model
     walk(root, "")
     return root, called
+
+
+def describe_switches(switches: list[dict]) -> str:
+    """``"18 module(s): 17 RepVggBlock.reparameterize(), 1 Head.fuse()"`` for a report's switch list."""
+    from collections import Counter
+
+    counts = Counter(f"{s['class']}.{s['method']}()" for s in switches)
+    return f"{len(switches)} module(s)" + (": " + ", ".join(f"{n} {k}" for k, n in counts.most_common())
+                                            if counts else "")

@@ -9,7 +9,7 @@ import click
 
 from bnfold import __version__
 from bnfold.errors import BnfoldError
-from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file
+from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file, inspect_torch
 from bnfold.onnx_fold import FoldOptions
 from bnfold.onnx_io import write_text_atomic
 from bnfold.outputs import FIGURE_SUFFIXES, OutputPlan, strict_json
@@ -21,6 +21,7 @@ from .common import (
     fold_options,
     json_option,
     out_console,
+    reparameterize_option,
     styled,
     torch_model_options,
     verify_options,
@@ -75,23 +76,56 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
         con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm"))
     for w in report.extra.get("warnings", []):
         con.print(styled("warning:", "yellow"), w)
+    _print_deploy_switches(con, report)
     con.print(verdict)
 
 
+def _onnx_refuses_reparameterize(model: str, reparameterize: bool) -> None:
+    if reparameterize and _is_onnx(model):
+        raise BnfoldError(f"--reparameterize calls a PyTorch model's own deploy switches; {model} is ONNX "
+                          "(export the reparameterized model from PyTorch instead)")
+
+
+def _print_deploy_switches(con, report) -> None:
+    from bnfold.torch_fold import describe_switches
+
+    if "deploy_switches" in report.extra:
+        found = report.extra["deploy_switches"]
+        con.print(f"deploy switches: {describe_switches(found)}"
+                  + ("; --reparameterize calls them before folding" if found else ""))
+        if found and not click.get_current_context().meta.get("quiet"):
+            for s in found:
+                con.print(f"  {s['module'] or '(model)'}: {s['class']}.{s['method']}()")
+    if "reparameterized" in report.extra:
+        con.print(f"reparameterized {describe_switches(report.extra['reparameterized']['modules'])}")
+
+
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model")
+@torch_model_options
+@reparameterize_option
 @fold_options
 @json_option
 @common_options
-def inspect(model: Path, json_mode: bool, **opts):
-    """List every BatchNorm in MODEL.onnx: its neighbour, what folding would do, and why.
+def inspect(model: str, json_mode: bool, weights, input_shape, opset, trust_pickle, reparameterize, **opts):
+    """List every BatchNorm in MODEL: its neighbour, what folding would do, and why.
+
+    For a PyTorch MODEL the plan is the module-level one, and the modules that carry their own deploy switch
+    (reparameterize(), switch_to_deploy(), fuse(), fuse_model()) are listed.
 
     \b
     Example:
       bnfold inspect resnet18_unfolded.onnx
       bnfold inspect model.onnx --json | jq '.entries[] | select(.status == "skipped")'
+      bnfold inspect mypkg.nets:build --weights w.safetensors --input-shape 1x3x224x224
     """
-    report = inspect_onnx_file(model, _options(**opts))
+    _onnx_refuses_reparameterize(model, reparameterize)
+    if _is_onnx(model):
+        report = inspect_onnx_file(Path(model), _options(**opts))
+    else:
+        OutputPlan().read(weights, "--weights").check()
+        torch_model, inputs, _ = _load_torch(model, weights, input_shape, trust_pickle)
+        report = inspect_torch(torch_model, inputs, _options(**opts), reparameterize=reparameterize)
     _finish(report, json_mode=json_mode, verdict=f"PLAN | {report.summary()}", model=str(model), report_path=None)
 
 
@@ -108,6 +142,7 @@ def inspect(model: Path, json_mode: bool, **opts):
               help="Compare the folded model with the original before writing it (exit 1 and write nothing if "
                    "they differ); --ep/--data/--atol/--rtol apply.")
 @torch_model_options
+@reparameterize_option
 @verify_options
 @layout_option
 @fold_options
@@ -115,7 +150,7 @@ def inspect(model: Path, json_mode: bool, **opts):
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
          no_check: bool, do_verify: bool, json_mode: bool, weights, input_shape, opset, trust_pickle,
-         ep, data, atol, rtol, batch, seed, layout, **opts):
+         reparameterize, ep, data, atol, rtol, batch, seed, layout, **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -130,6 +165,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or use --dry-run)")
+    _onnx_refuses_reparameterize(model, reparameterize)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data if do_verify else None, "--data")
     plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
@@ -144,7 +180,8 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
     else:
         torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
         _, report = fold_torch(torch_model, inputs, None if dry_run else output, options, opset=opset,
-                               input_names=names, check=not no_check, dry_run=dry_run, verify=verify)
+                               input_names=names, check=not no_check, dry_run=dry_run, verify=verify,
+                               reparameterize=reparameterize)
     verdict = f"PLAN | {report.summary()}" if dry_run else f"FOLDED | {report.summary()} -> {output}"
     if "verify_verdict" in report.extra:
         out_console(json_mode).print(report.extra["verify_verdict"], soft_wrap=True, markup=False)
@@ -159,10 +196,11 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the fold report as JSON to this file.")
 @torch_model_options
+@reparameterize_option
 @json_option
 @common_options
 def export(model: str, output: Path, no_fold: bool, report_path: Path | None, json_mode: bool, weights,
-           input_shape, opset, trust_pickle):
+           input_shape, opset, trust_pickle, reparameterize):
     """Export a PyTorch MODEL to ONNX (dynamic batch), folded by default, or with --no-fold as it is.
 
     \b
@@ -174,7 +212,8 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
         raise BnfoldError(f"{model} is already ONNX: use 'bnfold fold {model} -o OUT.onnx' to fold it")
     OutputPlan().read(weights, "--weights").write_model(output, "-o").write(report_path, "--report").check()
     torch_model, inputs, names = _load_torch(model, weights, input_shape, trust_pickle)
-    _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold)
+    _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold,
+                           reparameterize=reparameterize)
     if no_fold:
         verdict = f"EXPORTED | BatchNorm kept ({report.extra['onnx_bn_kept']} BatchNormalization) -> {output}"
     else:
@@ -513,7 +552,7 @@ def calibrate(model, output, data, batch_size, max_batches, pooled, weights, inp
 
 
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
-              batches, threads, json_mode, extra=None, min_effect=0.02):
+              batches, threads, json_mode, extra=None, min_effect=0.02, reparameterize=False):
     from bnfold.pipeline import RunOptions, run_pipeline
 
     con = out_console(json_mode)
@@ -522,7 +561,8 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
     def step(msg):
         if not quiet:
             con.print(styled(f"- {msg}", "dim"))
-    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect)
+    options = RunOptions(eps=eps, batches=batches, iters=iters, threads=threads, min_effect=min_effect,
+                         reparameterize=reparameterize)
     report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                           calibrate_batches=calibrate_batches, options=options, extra=extra, step=step)
     from bnfold.pipeline import run_verdict
@@ -549,11 +589,12 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
 @click.option("--min-effect", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Name a latency difference only beyond this fraction (and when its 95%% interval excludes 1).")
 @torch_model_options
+@reparameterize_option
 @layout_option
 @json_option
 @common_options
 def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, input_shape, opset, layout,
-        trust_pickle, json_mode):
+        trust_pickle, reparameterize, json_mode):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -563,6 +604,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     """
     from bnfold.pipeline import FILES, prepare_run
 
+    _onnx_refuses_reparameterize(model, reparameterize)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
     plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
@@ -570,7 +612,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
                     trust_pickle=trust_pickle, layout=layout)
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
-                       threads=threads, json_mode=json_mode, min_effect=min_effect))
+                       threads=threads, json_mode=json_mode, min_effect=min_effect, reparameterize=reparameterize))
 
 
 @main.command()
