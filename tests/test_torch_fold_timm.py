@@ -109,3 +109,21 @@ def test_levit_folds_every_batchnorm_on_both_paths(tmp_path):
         ref = copy.deepcopy(model).double()(x.double()).numpy()
     assert_close(run_ort(out, {out.graph.input[0].name: x.numpy()})[0], ref)
     assert_close(run_ort(folded, {folded.graph.input[0].name: x.numpy()})[0], ref)
+
+
+@pytest.mark.parametrize("variant", ["frozen", "sync"])
+def test_frozen_and_sync_bn_act_variants_fold(variant):
+    """timm's freeze_batch_norm_2d (FrozenBatchNormAct2d: not a torch BatchNorm) and convert_sync_batchnorm
+    (SyncBatchNormAct): every one folds, as the BatchNormAct2d they replace."""
+    from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    base = randomize_bn(timm.create_model("mobilenetv4_conv_small")).eval()
+    n = sum(isinstance(m, BatchNormAct2d) for m in base.modules())
+    model = (freeze_batch_norm_2d if variant == "frozen" else convert_sync_batchnorm)(copy.deepcopy(base)).eval()
+    assert not any(isinstance(m, BatchNormAct2d) for m in model.modules())
+    x = torch.randn(1, 3, 96, 96)
+    res = fold_module(model, x)
+    assert res.report.folded == res.report.bn_total == n, res.report.summary()
+    with torch.no_grad():
+        assert_close(res.module(x).numpy(), copy.deepcopy(model).double()(x.double()).numpy())
