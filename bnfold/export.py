@@ -36,7 +36,64 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple, *, opset: int | N
     if materialize:
         from bnfold.onnx_fold import materialize_params
         proto, _ = materialize_params(proto)
+        proto, _ = constant_reshape_targets(proto)
     return proto
+
+
+def constant_reshape_targets(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Give every Reshape whose target shape the graph computes at run time (the dynamo exporter, with a dynamic
+    batch and ``optimize=False``, builds ``x.flatten(0, 1)``'s target as ``Concat(batch * N, C)``) a constant
+    target, where the exporter's own output shape says it exactly: all dimensions known but one, which becomes
+    ``-1``. The fold pass needs the target as a constant to see where the channel axis goes (timm's LeViT: Linear
+    -> flatten -> BatchNorm1d); the model computes the same for every batch size. The shape computations left
+    unused are removed. Returns the new model and the number of Reshapes rewritten."""
+    import numpy as np
+
+    from bnfold import planner
+    from bnfold.graph import ModelGraph, NodeKey, NotConst, is_default_domain
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    mg = ModelGraph(out)
+    ed = planner._Editor(planner.Plan(mg, planner.Context(mg)))
+    changed = 0
+    for g in mg.graphs:
+        for i, node in enumerate(g.nodes):
+            if node.op_type != "Reshape" or not is_default_domain(node) or len(node.input) < 2 or not node.output:
+                continue
+            b = mg.resolve(g.index, node.input[1])
+            if b is None or not isinstance(mg.const(b), NotConst):
+                continue  # already a constant
+            target = _exported_shape(g.types.get(node.output[0]))
+            if target is None:
+                continue
+            new = mg.unique(f"{node.output[0]}_shape")
+            ed.add_initializer(g.index, new, np.asarray(target, dtype=np.int64))
+            ed.set_input(NodeKey(g.index, i), 1, new)
+            changed += 1
+    if not changed:
+        return model, 0
+    ed.remove_dead()
+    ed.rebuild_nodes()
+    return out, changed
+
+
+def _exported_shape(t) -> list[int] | None:
+    """A Reshape target equal to the exported output type ``t``: its dimensions, the one symbolic dimension
+    (if any) as -1; None when unknown, when two or more are symbolic, or when one is 0 (which Reshape without
+    ``allowzero`` reads as "copy the input's dimension"). With no 0 in it, the target means the same with and
+    without ``allowzero``."""
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_value"):
+            return None
+        else:
+            dims.append(-1)
+    return dims if dims.count(-1) <= 1 else None
 
 
 def _export(model, example_inputs, *, opset, dynamic_batch, input_names, output_names,

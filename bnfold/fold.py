@@ -118,7 +118,8 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
 def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: FoldOptions | None = None, *,
                opset: int | None = None, input_names: list[str] | None = None, check: bool = True,
                fold: bool = True, dynamic_batch: bool = True, dry_run: bool = False,
-               verify: dict | bool | None = None, precision=None, provenance: dict | None = None):
+               verify: dict | bool | None = None, precision=None, provenance: dict | None = None,
+               reparameterize: bool = False):
     """Fold a PyTorch module at module level, export it to ONNX and run the ONNX pass over the export.
 
     Returns ``(TorchFoldResult | None, FoldReport)``. The report has one entry per BatchNorm module; a BN the
@@ -131,18 +132,30 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
     weights to fp32 first); the report's entries are the ONNX pass's.
     ``provenance`` (:func:`bnfold.provenance.provenance`) is recorded in the report and the model's metadata;
     the model's ``bnfold`` metadata summary counts what the report counts (module level and ONNX pass).
+    With ``reparameterize`` every module's own deploy switch (``reparameterize()``, ``switch_to_deploy()``,
+    ``fuse()``, ``fuse_model()``; see :func:`bnfold.torch_fold.reparameterize`) is called first, on a copy; the
+    report's ``reparameterized`` says which. ``verify`` still compares with the model as given.
     """
     from bnfold import provenance as prov_mod
     from bnfold.export import export_onnx
     from bnfold.torch_fold import fold_module
+    from bnfold.torch_fold import reparameterize as call_deploy_switches
 
     result = None
     module = model
+    switched = None
+    if reparameterize:
+        module, calls = call_deploy_switches(model)
+        switched = {"count": len(calls), "modules": [c.to_dict() for c in calls]}
+        log.info("reparameterized %d module(s) with their own deploy switches", len(calls))
+
     if precision is not None and fold and not dry_run:
         from bnfold.precision import fold_to_dtype
-        exported = export_onnx(model, example_inputs, opset=opset, input_names=input_names,
+        exported = export_onnx(module, example_inputs, opset=opset, input_names=input_names,
                                dynamic_batch=dynamic_batch, keep_bn=True)
         onnx_model, report = fold_to_dtype(exported, options, precision, name=type(model).__name__)
+        if switched is not None:
+            report.extra["reparameterized"] = switched
         if provenance is not None:
             report.extra["provenance"] = provenance
             prov_mod.record(onnx_model, provenance)
@@ -157,8 +170,10 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
                 report.extra["warnings"] = warnings
         return None, report
     if fold:
-        result = fold_module(model, example_inputs)
+        result = fold_module(module, example_inputs, inplace=reparameterize)  # a copy already when switched
         module = result.module
+        if switched is not None:
+            result.report.extra["reparameterized"] = switched
         if dry_run:
             result.report.dry_run = True
             if provenance is not None:
@@ -177,6 +192,9 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         from bnfold.onnx_fold import inspect_model
         report = FoldReport(entries=[], model=type(model).__name__, extra={"fold": False})
         report.extra["onnx_bn_kept"] = inspect_model(exported).bn_total
+        if switched is not None:
+            report.extra["reparameterized"] = switched
+
     if provenance is not None:
         report.extra["provenance"] = provenance
         prov_mod.record(onnx_model, provenance)
@@ -207,6 +225,19 @@ def _record_summary(onnx_model, report: FoldReport) -> None:
             meta.update(bn_total=report.bn_total, folded=report.folded, skipped=report.skipped,
                         affine_folded=report.affine_folded, onnx_pass=onnx_pass)
             p.value = json.dumps(meta, separators=(",", ":"))
+
+
+def inspect_torch(model, example_inputs, options: FoldOptions | None = None, *,
+                  reparameterize: bool = False) -> FoldReport:
+    """What folding a PyTorch module would do to each BatchNorm (module level; writes nothing), and which of its
+    modules carry their own deploy switch (``deploy_switches`` in the report: path, class, method), which
+    ``reparameterize`` would call first."""
+    from bnfold.torch_fold import find_deploy_switches
+
+    _, report = fold_torch(model, example_inputs, None, options, dry_run=True, reparameterize=reparameterize)
+    report.extra["deploy_switches"] = [s.to_dict() for s in find_deploy_switches(model)]
+    return report
+
 
 
 def _merge(torch_report: FoldReport, onnx_report: FoldReport) -> FoldReport:

@@ -44,6 +44,8 @@ class RunOptions:
     strict_range: bool = False
     #: providers `--ep auto` left out, with why (see :func:`bnfold.runtime.resolve_providers`): in the verdict
     eps_skipped: dict = field(default_factory=dict)
+    #: PyTorch models: call the modules' own deploy switches before folding (the reference stays as given)
+    reparameterize: bool = False
 
 
 def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple | None = None,
@@ -112,7 +114,7 @@ def run_pipeline(model, outdir: str | Path, *, name: str, example_inputs: tuple 
             from bnfold.fold import fold_torch
             original = export_onnx(model, example_inputs, input_names=input_names, keep_bn=True)
             _, fold_report = fold_torch(model, example_inputs, out / "folded.onnx", input_names=input_names,
-                                        provenance=provenance)
+                                        provenance=provenance, reparameterize=options.reparameterize)
             folded = None
             prov_mod.record(original, provenance)
     save_model(original, out / "original.onnx")
@@ -217,6 +219,10 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | folded ({e['direction']}) | {markdown_text(e.get('into_layer') or e['into'])} | | |")
         else:
             lines.append(f"| {name} | **skipped** | | `{e['reason']}` | {markdown_text(e['message'])} |")
+    if fold.get("reparameterized"):
+        from bnfold.torch_fold import describe_switches
+        lines += ["", f"Before folding, the model's own deploy switches were called: "
+                  f"{markdown_text(describe_switches(fold['reparameterized']['modules']))}."]
     if fold.get("onnx_pass"):
         op = fold["onnx_pass"]
         lines += ["", f"After export, the ONNX pass saw {op['bn_total']} BatchNormalization left and folded "

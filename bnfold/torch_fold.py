@@ -60,7 +60,26 @@ def _kind(module: nn.Module) -> str | None:
             return "frozen_bn"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "bn_subclass"
+    if _bn_like_with_children(module):
+        return "bn_subclass"  # timm's FrozenBatchNormAct2d: BN statistics as buffers, then drop/act children
     return None
+
+
+def _bn_like_with_children(module: nn.Module) -> bool:
+    """A module that is not a torch BatchNorm but carries a BN's statistics, affine parameters and eps as its own
+    attributes, and has child modules (the work it may do after normalising): a candidate for the
+    BN-then-tail fold, which then checks what its forward does."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return False  # InstanceNorm and kin: not BatchNorms
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and mean.dim() == 1
+            and var.shape == mean.shape):
+        return False
+    if not all(getattr(module, k, None) is None or (isinstance(getattr(module, k), torch.Tensor)
+                                                    and getattr(module, k).shape == mean.shape)
+               for k in ("weight", "bias")):
+        return False
+    return isinstance(getattr(module, "eps", None), (int, float)) and next(module.children(), None) is not None
 
 
 _COMPUTE = ("forward", "_conv_forward", "_output_padding", "_check_input_dim", "__call__", "_call_impl")
@@ -106,7 +125,7 @@ def _check_bn_modules(model: nn.Module) -> None:
             continue
         if m.training:
             raise BnfoldError(f"BatchNorm '{name}' is in training mode: call model.eval() first")
-        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        if not getattr(m, "track_running_stats", True) or m.running_mean is None or m.running_var is None:
             raise BnfoldError(
                 f"BatchNorm '{name}' has no running statistics (track_running_stats=False): it normalises with "
                 "batch statistics at inference too, so it cannot be folded; recalibrate it with running "
@@ -254,23 +273,187 @@ def _to_param_dtype(values: np.ndarray, like: torch.Tensor, what: str) -> torch.
     return t.to(like.device)
 
 
-def _apply(model: nn.Module, layer_fqn: str, w_new: np.ndarray, b_new: np.ndarray) -> None:
-    layer = model.get_submodule(layer_fqn)
-    w = layer.weight
-    w_t = _to_param_dtype(w_new, w, f"{layer_fqn}.weight")
-    b_t = _to_param_dtype(b_new, w, f"{layer_fqn}.bias")
+def _apply(model: nn.Module, folds: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Write each layer's folded weight and bias; every value is cast (and checked) before the first write, so a
+    cast overflow leaves every layer as it was."""
+    cast = []
+    for layer_fqn, w_new, b_new in folds:
+        layer = model.get_submodule(layer_fqn)
+        w = layer.weight
+        cast.append((layer, _to_param_dtype(w_new, w, f"{layer_fqn}.weight"),
+                     _to_param_dtype(b_new, w, f"{layer_fqn}.bias")))
     with torch.no_grad():
-        layer.weight.copy_(w_t)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(b_t, requires_grad=w.requires_grad)
-        else:
-            layer.bias.copy_(b_t)
+        for layer, w_t, b_t in cast:
+            layer.weight.copy_(w_t)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b_t, requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.copy_(b_t)
+
+
+@dataclass
+class _Plan:
+    """A fold: the layers that absorb the BN (one, or several whose outputs a channel concat joins) and the
+    name shown as where it went (``into_layer``: that layer, or the module that concatenates)."""
+
+    folds: list[tuple[str, np.ndarray, np.ndarray]]
+    into_layer: str
+
+    @property
+    def layers(self) -> list[str]:
+        return [f for f, _, _ in self.folds]
+
+
+def _replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _replace_with_identity(model: nn.Module, fqn: str) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Identity())
+    _replace_module(model, fqn, nn.Identity())
+
+
+# ------------------------------------------------------------------------------------------------ BN + tail
+@dataclass
+class _Tail:
+    """What a BN subclass computes after normalising, as a module of its own children (timm's BatchNormAct2d:
+    ``drop`` then ``act``): it replaces the BN module once the BN's affine map is folded."""
+
+    module: nn.Module
+    names: list[str]
+    identity: bool  # passes its input through unchanged in eval mode: a forward fold is possible too
+
+
+def _is_eval_identity(m: nn.Module) -> bool:
+    return not _has_hooks(m) and (type(m) is nn.Identity or (
+        isinstance(m, nn.modules.dropout._DropoutNd) and not m.training))
+
+
+def _tail_module(module: nn.Module, names: list[str]) -> nn.Module:
+    from collections import OrderedDict
+    children = dict(module.named_children())
+    if all(type(children[n]) is nn.Identity and not _has_hooks(children[n]) for n in names):
+        return nn.Identity()
+    return nn.Sequential(OrderedDict((n, children[n]) for n in names))
+
+
+def _plan_tail(model, bn_name: str, module: nn.Module, call: _Call, affine: formula.Affine, param_users) -> _Tail:
+    """Whether the BN subclass ``module`` computes ``tail(BatchNorm(x))`` with ``tail`` its child modules applied
+    in order, and nothing else: decided from its traced forward (the normalisation reads the input and the BN's
+    own parameters; each child reads only the previous step's output; nothing follows the last child) and
+    checked on random inputs in float64. Raises :class:`_Skip` (``not_plain_batchnorm``) otherwise."""
+    cls = type(module).__qualname__
+    names = [n for n, _ in module.named_children()]
+    bad = [n for n in names if _kind(getattr(module, n)) is not None]
+    if bad:
+        raise _Skip("not_plain_batchnorm", f"{cls} holds a conv/linear/BatchNorm child ({bad[0]}): not a "
+                    "normalisation followed by parameter-free work")
+    if any("nn_module_stack" in n.meta for n in call.nodes):  # torch.export: the forward's own steps are visible
+        _check_tail_structure(bn_name, module, call, names, param_users)
+    _check_tail_numerically(bn_name, module, names, affine, _shape(call.data_in[0]))
+    return _Tail(module=_tail_module(module, names), names=names,
+                 identity=all(_is_eval_identity(getattr(module, n)) for n in names))
+
+
+def _child_of(bn_name: str, node) -> str | None:
+    """The direct child of module ``bn_name`` whose call computed ``node`` (None: the module's own code)."""
+    prefix = bn_name + "." if bn_name else ""
+    for fqn, _t in (node.meta.get("nn_module_stack") or {}).values():  # outermost first
+        if fqn != bn_name and fqn.startswith(prefix):
+            return fqn[len(prefix):].split(".")[0]
+    return None
+
+
+def _check_tail_structure(bn_name, module, call: _Call, names, param_users) -> None:
+    cls = type(module).__qualname__
+
+    def refuse(what):
+        raise _Skip("not_plain_batchnorm", f"{cls}'s forward {what}: only a normalisation followed by its own "
+                    "child modules, one after the other, folds")
+
+    x = call.data_in[0]
+    inside = call.node_set
+    own = [n for n in call.nodes if _child_of(bn_name, n) is None]
+    own_set = set(own)
+    groups: dict[str, list] = {}
+    for n in call.nodes:
+        c = _child_of(bn_name, n)
+        if c is not None:
+            groups.setdefault(c, []).append(n)
+    for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        full = f"{bn_name}.{pname}" if bn_name else pname
+        if any(u in inside and u not in own_set for u in param_users.get(full, [])):
+            refuse(f"reads its BatchNorm parameter '{pname}' inside a child module")
+    if any(u in inside and u not in own_set for u in x.users):
+        refuse("passes its un-normalised input to a child module")
+    if any(a in inside and a not in own_set for n in own for a in n.all_input_nodes):
+        refuse("does more of its own work after calling a child module")
+    normalised = [n for n in own if any(u not in own_set for u in n.users)]
+    if len(normalised) != 1:
+        refuse("does not compute one normalised tensor")
+    order = list(groups)
+    if order != [n for n in names if n in groups]:
+        refuse(f"calls its children in another order ({', '.join(order)}) than they are registered")
+    prev = normalised[0]
+    for name in order:
+        g = set(groups[name])
+        if any(u not in g for u in prev.users):
+            refuse(f"uses an intermediate result outside its child '{name}'")
+        feeds = {a for n in g for a in n.all_input_nodes if (a in inside or a is x) and a not in g}
+        if feeds != {prev}:
+            refuse(f"feeds its child '{name}' more than the previous step's output")
+        outs = [n for n in g if any(u not in g for u in n.users)]
+        if len(outs) != 1:
+            refuse(f"uses several results of its child '{name}'")
+        prev = outs[0]
+    if call.outputs != [prev]:
+        refuse("returns something other than its last child's output")
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        tm = node.meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+    try:
+        return None if shape is None else tuple(int(d) for d in shape)
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+
+
+def _check_tail_numerically(bn_name, module, names, affine: formula.Affine, shape) -> None:
+    """``module(x) == tail(scale * x + shift)`` on random inputs spread like the BN's statistics, in float64."""
+    cls = type(module).__qualname__
+    c = affine.channels
+    if shape is None or len(shape) < 2 or shape[1] != c:
+        shape = (2, c, 5, 5) if shape is None or len(shape) < 2 else shape
+    if shape[1] != c:
+        raise _Skip("not_plain_batchnorm", f"{cls} reads {shape[1]} channels on axis 1 but holds statistics for {c}")
+    try:
+        m = copy.deepcopy(module).to("cpu", torch.float64).eval()
+        tail = _tail_module(m, names).eval()
+        view = (1, c) + (1,) * (len(shape) - 2)
+        mean = m.running_mean.detach().reshape(view)
+        std = (m.running_var.detach().clamp(min=0) + float(m.eps)).sqrt().reshape(view)
+        g = torch.Generator().manual_seed(0)
+        x = mean + 2 * std * torch.randn(shape, dtype=torch.float64, generator=g)
+        scale = torch.from_numpy(affine.scale).reshape(view)
+        shift = torch.from_numpy(affine.shift).reshape(view)
+        with torch.no_grad():
+            got = m(x.clone())
+            expect = tail(x * scale + shift)
+    except Exception as exc:
+        raise _Skip("not_plain_batchnorm", f"{cls}'s forward could not be checked as a normalisation followed by "
+                    f"its children ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if not isinstance(got, torch.Tensor) or got.shape != expect.shape:
+        raise _Skip("not_plain_batchnorm", f"{cls}'s forward does not return its children's output")
+    tol = 1e-9 * (1.0 + float((x * scale).abs().max()) + float(shift.abs().max()))
+    err = float((got - expect).abs().max()) if got.numel() else 0.0
+    if not err <= tol:
+        raise _Skip("not_plain_batchnorm", f"{cls}'s forward is not its BatchNorm followed by its children "
+                    f"({', '.join(names) or 'none'}): on random inputs they differ by up to {err:.3g}")
 
 
 def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forward: bool = True,
@@ -336,10 +519,6 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
         def skip(code, message, _bn=bn_name, _op=op_name):
             entries.append(FoldEntry(bn=_bn, status="skipped", reason=code, message=message, op=_op, layer=_bn))
 
-        if kind == "bn_subclass":
-            skip("not_plain_batchnorm", f"{type(module).__qualname__} subclasses BatchNorm and may do more than "
-                 "normalise (e.g. an activation inside): not folded")
-            continue
         if _has_hooks(module):
             skip("module_has_hooks", "the BatchNorm has forward hooks, which replacing it would drop")
             continue
@@ -360,6 +539,7 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
             continue
         try:
             affine = _bn_affine_of(module, bn_name)
+            tail = _plan_tail(model, bn_name, module, call, affine, param_users) if kind == "bn_subclass" else None
         except _Skip as sk:
             skip(sk.code, sk.message)
             continue
@@ -368,30 +548,47 @@ def fold_module(model: nn.Module, example_inputs, *, inplace: bool = False, forw
         for direction in ("backward", "forward"):
             if direction == "forward" and not forward:
                 continue
+            if direction == "forward" and tail is not None and not tail.identity:
+                attempts.append(_Skip("no_foldable_neighbour", f"its {'/'.join(tail.names)} after the "
+                                      "normalisation stand(s) between it and any consumer"))
+                continue
             try:
-                layer, w_new, b_new = (_plan_backward if direction == "backward" else _plan_forward)(
+                plan = (_plan_backward if direction == "backward" else _plan_forward)(
                     model, call, x, y, affine, by_fqn, producer_of if direction == "backward" else call_of,
                     graph_outputs, param_users)
-                _apply(model, layer, w_new, b_new)
+                _apply(model, plan.folds)
             except _Skip as s:
                 attempts.append(s)
                 continue
-            _replace_with_identity(model, bn_name)
-            folded_layers.add(layer)
+            _replace_module(model, bn_name, nn.Identity() if tail is None else tail.module)
+            layers = plan.layers
+            folded_layers.update(layers)
+            own = {n for n, _ in module.named_parameters(recurse=False)} | {
+                n for n, _ in module.named_buffers(recurse=False)}
             for k in list(param_map):
-                if k.startswith(bn_name + "."):
+                if k.startswith(bn_name + ".") and k[len(bn_name) + 1:] in own:  # a tail child's keep their names
                     leaf = k[len(bn_name) + 1:]
                     param_map[k] = ([] if leaf == "num_batches_tracked" else
-                                    [f"{layer}.bias"] if leaf in ("bias", "running_mean") and direction == "backward"
-                                    else [f"{layer}.weight", f"{layer}.bias"])
-            entries.append(FoldEntry(bn=bn_name, status="folded", into=layer, direction=direction,
-                                     message=f"folded {direction} into {layer}", op=type(module).__name__,
-                                     layer=bn_name, into_layer=layer))
+                                    [f"{la}.bias" for la in layers] if leaf in ("bias", "running_mean")
+                                    and direction == "backward" else
+                                    [f"{la}.{p}" for la in layers for p in ("weight", "bias")])
+            into = "+".join(layers)
+            message = f"folded {direction} into {into}"
+            if len(layers) > 1:
+                message += f" (the channel slices of their concat in {plan.into_layer})"
+            if tail is not None and tail.names:
+                message += (f"; the rest of its forward ({', '.join(tail.names)}) stays as {bn_name} "
+                            f"({type(tail.module).__name__})")
+            entries.append(FoldEntry(bn=bn_name, status="folded", into=into, direction=direction,
+                                     message=message, op=type(module).__name__, layer=bn_name,
+                                     into_layer=plan.into_layer))
             break
         else:
             informative = [a for a in attempts if a.code != "no_foldable_neighbour"]
-            s = (informative or attempts)[0]
-            skip(s.code, s.message)
+            if informative:
+                skip(informative[0].code, informative[0].message)
+            else:  # neither direction: say why for both
+                skip("no_foldable_neighbour", "; ".join(a.message for a in attempts))
     report = FoldReport(entries=entries, model=type(model).__name__, extra={"tracer": used})
     return TorchFoldResult(module=model, report=report, param_map=param_map, tracer=used)
 
@@ -443,14 +640,72 @@ def _layer_arrays(model: nn.Module, fqn: str):
     return layer, w, b
 
 
-def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs, param_users):
+def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs, param_users) -> _Plan:
     prod = producer_of.get(x)
-    if prod is None or prod.kind not in ("conv", "conv_t", "linear"):
-        raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear")
+    parts = None if prod is not None else _concat_parts(x, producer_of)
+    if parts is None and (prod is None or prod.kind not in ("conv", "conv_t", "linear")):
+        raise _Skip("no_foldable_neighbour", "its input does not come straight from a Conv/ConvTranspose/Linear "
+                    "(or a channel concat of them)")
     users_outside = [u for u in x.users if u not in call.node_set]
     if users_outside or x in graph_outputs:
-        raise _Skip("producer_output_shared", f"the output of {prod.fqn} is also used by something besides the "
+        what = prod.fqn if prod is not None else "the concat"
+        raise _Skip("producer_output_shared", f"the output of {what} is also used by something besides the "
                     "BatchNorm: folding would change what it sees")
+    if parts is None:
+        w_new, b_new = _fold_into_producer(model, prod, x, affine, by_fqn, param_users)
+        return _Plan([(prod.fqn, w_new, b_new)], prod.fqn)
+    # a channel concat of layer outputs (timm's MixedConv2d): each layer absorbs its slice of the channels
+    for node, p in parts:
+        if len(node.users) != 1 or node in graph_outputs:
+            raise _Skip("producer_output_shared", f"the output of {p.fqn} is also used besides the concat")
+    sizes = [_out_channels(model, p) for _, p in parts]
+    if sum(sizes) != affine.channels:
+        raise _Skip("channel_count_mismatch", f"{affine.channels} channels but the concatenated layers have "
+                    f"{sum(sizes)}")
+    folds, start = [], 0
+    for (node, p), n in zip(parts, sizes):
+        piece = formula.Affine(affine.scale[start:start + n], affine.shift[start:start + n])
+        folds.append((p.fqn, *_fold_into_producer(model, p, node, piece, by_fqn, param_users)))
+        start += n
+    if len({f for f, _, _ in folds}) != len(folds):
+        raise _Skip("module_reused", "the same layer feeds the concat twice")
+    stack = x.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1][0] if stack else ""
+    return _Plan(folds, owner or "+".join(f for f, _, _ in folds))
+
+
+def _concat_parts(x, producer_of):
+    """``[(input node, producing call)]`` when ``x`` is a concat along axis 1 of conv/linear call outputs."""
+    if x.op != "call_function":
+        return None
+    target = x.target
+    name = getattr(target, "__name__", str(target))
+    if name not in ("cat", "cat.default", "concat", "concatenate") or not x.args:
+        return None
+    inputs = x.args[0]
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", x.kwargs.get("axis", 0))
+    r = _rank(x)
+    if not isinstance(inputs, (list, tuple)) or len(inputs) < 1 or not isinstance(dim, int) or r is None:
+        return None
+    if dim % r != 1:
+        return None
+    parts = []
+    for node in inputs:
+        p = producer_of.get(node)
+        if p is None or p.kind not in ("conv", "conv_t", "linear"):
+            return None
+        parts.append((node, p))
+    return parts
+
+
+def _out_channels(model, call: _Call) -> int:
+    layer = model.get_submodule(call.fqn)
+    if call.kind == "conv_t":
+        return int(layer.weight.shape[1] * layer.groups)
+    return int(layer.weight.shape[0])
+
+
+def _fold_into_producer(model, prod: _Call, x, affine, by_fqn, param_users):
     _layer_checks(model, prod, by_fqn, "producer", param_users)
     layer, w, b = _layer_arrays(model, prod.fqn)
     if prod.kind == "linear":
@@ -466,8 +721,7 @@ def _plan_backward(model, call, x, y, affine, by_fqn, producer_of, graph_outputs
         out_channels, layout = w.shape[1] * groups, "in_out"
     if affine.channels != out_channels:
         raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {prod.fqn} has {out_channels}")
-    w_new, b_new = formula.fold_backward(w, b, affine, layout=layout, groups=groups)
-    return prod.fqn, w_new, b_new
+    return formula.fold_backward(w, b, affine, layout=layout, groups=groups)
 
 
 def _identity_in_eval(model: nn.Module, node) -> bool:
@@ -537,7 +791,7 @@ def _plan_forward(model, call, x, y, affine, by_fqn, call_of, graph_outputs, par
     if affine.channels != w.shape[1] * groups:
         raise _Skip("channel_count_mismatch", f"{affine.channels} channels but {cons.fqn} reads {w.shape[1] * groups}")
     w_new, b_new = formula.fold_forward(w, b, affine, layout="out_in", groups=groups)
-    return cons.fqn, w_new, b_new
+    return _Plan([(cons.fqn, w_new, b_new)], cons.fqn)
 
 
 def count_foldable_bn(model: nn.Module) -> int:
@@ -551,9 +805,12 @@ def strip_batchnorm(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for name in [n for n, m in model.named_modules() if n and is_batchnorm(m)]:
         try:
-            _replace_with_identity(model, name)
+            m = model.get_submodule(name)
         except AttributeError:  # already replaced with its parent
-            pass
+            continue
+        # a BN subclass keeps what it does after normalising (timm's BatchNormAct2d: its drop and act)
+        names = [n for n, _ in m.named_children()] if _kind(m) == "bn_subclass" else []
+        _replace_module(model, name, _tail_module(m, names) if names else nn.Identity())
     return model
 
 
@@ -579,3 +836,97 @@ def record_module_folds(onnx_model, report: FoldReport) -> None:
             onnx_model.metadata_props.remove(p)
     onnx_model.metadata_props.add(key=MODULE_FOLDS_KEY,
                                   value=json.dumps({"entries": entries}, separators=(",", ":")))
+
+
+# ------------------------------------------------------------------------------------------------ deploy switches
+#: Methods by which a module turns itself into its deployed form, in the order they are tried (timm's
+#: ``reparameterize_model``: ``fuse`` returns the replacement module, ``reparameterize``/``switch_to_deploy``
+#: change the module in place); ``fuse_model`` is torchvision's quantizable models' (in place).
+DEPLOY_SWITCHES = ("fuse", "reparameterize", "switch_to_deploy", "fuse_model")
+
+
+@dataclass
+class DeploySwitch:
+    """A module that carries its own deploy switch: its path, class and the method that switches it."""
+
+    module: str
+    cls: str
+    method: str
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "class": self.cls, "method": self.method}
+
+
+def _switch_of(m: nn.Module) -> str | None:
+    import inspect
+
+    for name in DEPLOY_SWITCHES:
+        fn = getattr(m, name, None)
+        if not callable(fn) or isinstance(fn, nn.Module):
+            continue
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue
+        if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in sig.parameters.values()):
+            return name  # callable without arguments
+    return None
+
+
+def find_deploy_switches(model: nn.Module) -> list[DeploySwitch]:
+    """Every module of ``model`` (the model itself included) with a deploy switch callable without arguments
+    (:data:`DEPLOY_SWITCHES`), outermost first."""
+    return [DeploySwitch(name, type(m).__qualname__, method) for name, m in model.named_modules()
+            if (method := _switch_of(m)) is not None]
+
+
+def reparameterize(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, list[DeploySwitch]]:
+    """Call every module's own deploy switch, outermost first (as timm's ``reparameterize_model``): a ``fuse()``
+    that returns a module replaces it; the others switch in place. Children are visited after their parent
+    has switched (the children it has then). Returns the model and the switches called; the caller's model
+    is not modified unless ``inplace``."""
+    if model.training:
+        raise BnfoldError("the model is in training mode: call model.eval() before reparameterizing it")
+    if not inplace:
+        model = copy.deepcopy(model)
+    called: list[DeploySwitch] = []
+
+    def switch(m: nn.Module, name: str) -> nn.Module:
+        method = _switch_of(m)
+        if method is None:
+            return m
+        try:
+            with torch.no_grad():
+                out = getattr(m, method)()
+        except Exception as exc:
+            raise BnfoldError(f"{type(m).__qualname__}.{method}() of module '{name or '(model)'}' failed "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); fold without --reparameterize") from None
+        called.append(DeploySwitch(name, type(m).__qualname__, method))
+        if method == "fuse" and isinstance(out, nn.Module):
+            out.eval()
+            return out
+        return m
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        for child_name, child in list(m.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            new = switch(child, name)
+            if new is not child:
+                setattr(m, child_name, new)
+            walk(new, name)
+
+    root = switch(model, "")
+    if root is not model and not isinstance(root, nn.Module):  # pragma: no cover - switch returns modules
+        root = model
+    walk(root, "")
+    return root, called
+
+
+def describe_switches(switches: list[dict]) -> str:
+    """``"18 module(s): 17 RepVggBlock.reparameterize(), 1 Head.fuse()"`` for a report's switch list."""
+    from collections import Counter
+
+    counts = Counter(f"{s['class']}.{s['method']}()" for s in switches)
+    return f"{len(switches)} module(s)" + (": " + ", ".join(f"{n} {k}" for k, n in counts.most_common())
+                                            if counts else "")

@@ -160,6 +160,14 @@ def torch_model_options(f):
     return weights_options(f)
 
 
+def reparameterize_option(f):
+    """--reparameterize: call the PyTorch model's own deploy switches before folding."""
+    return click.option("--reparameterize", is_flag=True,
+                        help="PyTorch MODEL: first call every module's own deploy switch (reparameterize(), "
+                             "switch_to_deploy(), fuse(), fuse_model(); `bnfold inspect MODEL` lists them), as "
+                             "timm's reparameterize_model does; reported.")(f)
+
+
 def verify_options(f):
     """How verify compares a reference and a candidate (shared by `verify` and `fold --verify`)."""
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")(f)

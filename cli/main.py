@@ -9,7 +9,7 @@ import click
 
 from bnfold import __version__
 from bnfold.errors import BnfoldError
-from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file
+from bnfold.fold import fold_onnx_file, fold_torch, inspect_onnx_file, inspect_torch
 from bnfold.onnx_fold import FoldOptions
 from bnfold.onnx_io import write_text_atomic
 from bnfold.outputs import FIGURE_SUFFIXES, OutputPlan, strict_json
@@ -21,6 +21,7 @@ from .common import (
     fold_options,
     json_option,
     out_console,
+    reparameterize_option,
     resolve_weights,
     styled,
     torch_model_options,
@@ -143,37 +144,71 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
         con.print(f"range: {prec['summary']}; activations from {prec['activations_from']}", soft_wrap=True)
     for w in report.extra.get("warnings", []):
         con.print(styled("warning:", "yellow"), w)
+    _print_deploy_switches(con, report)
     con.print(verdict)
 
 
+def _onnx_refuses_reparameterize(model: str, reparameterize: bool) -> None:
+    if reparameterize and _is_onnx(model):
+        raise BnfoldError(f"--reparameterize calls a PyTorch model's own deploy switches; {model} is ONNX "
+                          "(export the reparameterized model from PyTorch instead)")
+
+
+def _print_deploy_switches(con, report) -> None:
+    from bnfold.torch_fold import describe_switches
+
+    if "deploy_switches" in report.extra:
+        found = report.extra["deploy_switches"]
+        con.print(f"deploy switches: {describe_switches(found)}"
+                  + ("; --reparameterize calls them before folding" if found else ""))
+        if found and not click.get_current_context().meta.get("quiet"):
+            for s in found:
+                con.print(f"  {s['module'] or '(model)'}: {s['class']}.{s['method']}()")
+    if "reparameterized" in report.extra:
+        con.print(f"reparameterized {describe_switches(report.extra['reparameterized']['modules'])}")
+
+
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model")
 @precision_options
 @click.option("--data", metavar="digits|FILE.npz|DIR", help="With --dtype: inputs on which to measure activations "
               "(default: random normal inputs, which the report says).")
-@click.option("--input-shape", multiple=True, metavar="[NAME=]1x3x224x224",
-              help="With --dtype: shape of an input with dynamic dimensions (random inputs).")
 @layout_option
+@torch_model_options
+@reparameterize_option
 @fold_options
 @json_option
 @common_options
-def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, input_shape, layout, **opts):
-    """List every BatchNorm in MODEL.onnx: its neighbour, what folding would do, and why. With --dtype, also
-    certify the range of every layer in that dtype (folded weights and biases, underflow, activations).
+def inspect(model: str, json_mode: bool, dtype, io_dtype, strict_range, data, layout, weights, random_weights,
+            input_shape, opset, trust_pickle, reparameterize, **opts):
+    """List every BatchNorm in MODEL: its neighbour, what folding would do, and why. With --dtype (ONNX
+    MODEL), also certify the range of every layer in that dtype (folded weights and biases, underflow,
+    activations).
+
+    For a PyTorch MODEL the plan is the module-level one, and the modules that carry their own deploy switch
+    (reparameterize(), switch_to_deploy(), fuse(), fuse_model()) are listed.
 
     \b
     Example:
       bnfold inspect resnet18_unfolded.onnx
       bnfold inspect model.onnx --json | jq '.entries[] | select(.status == "skipped")'
       bnfold inspect model.onnx --dtype fp16 --data digits
+      bnfold inspect mypkg.nets:build --weights w.safetensors --input-shape 1x3x224x224
     """
-    if not model.exists() and (":" in str(model) or str(model) in _zoo_names()):
-        raise BnfoldError(f"inspect reads an .onnx file; '{model}' is a PyTorch model: see its plan with "
-                          f"'bnfold fold {model} --dry-run' (with --weights)")
-    OutputPlan().read_model(model).read(data if dtype else None, "--data").check()
-    loaded = _load_data(data, str(model), layout, _shapes(input_shape)) if data and dtype else None
-    precision = _precision(dtype, io_dtype, strict_range, loaded, input_shape)
-    report = inspect_onnx_file(model, _options(**opts), precision=precision)
+    _onnx_refuses_reparameterize(model, reparameterize)
+    source = _weights_for(model, weights, random_weights)
+    if _is_onnx(model):
+        OutputPlan().read_model(model).read(data if dtype else None, "--data").check()
+        loaded = _load_data(data, str(model), layout, _shapes(input_shape)) if data and dtype else None
+        precision = _precision(dtype, io_dtype, strict_range, loaded, input_shape)
+        report = inspect_onnx_file(Path(model), _options(**opts), precision=precision)
+    else:
+        if dtype or io_dtype or strict_range:
+            raise click.UsageError("inspect --dtype certifies an .onnx file: export the model first "
+                                   "(bnfold export MODEL --no-fold)")
+        OutputPlan().read(weights, "--weights").check()
+        torch_model, inputs, _ = _load_torch(model, source, input_shape, trust_pickle)
+        report = inspect_torch(torch_model, inputs, _options(**opts), reparameterize=reparameterize)
     _finish(report, json_mode=json_mode, verdict=f"PLAN | {report.summary()}", model=str(model), report_path=None,
             all_layers=True)
 
@@ -192,6 +227,7 @@ def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, i
                    "they differ); --ep/--data/--atol/--rtol apply.")
 @precision_options
 @torch_model_options
+@reparameterize_option
 @verify_options
 @layout_option
 @fold_options
@@ -199,7 +235,8 @@ def inspect(model: Path, json_mode: bool, dtype, io_dtype, strict_range, data, i
 @common_options
 def fold(model: str, output: Path | None, report_path: Path | None, dry_run: bool, in_place: bool,
          no_check: bool, do_verify: bool, json_mode: bool, weights, random_weights, input_shape, opset,
-         trust_pickle, ep, data, atol, rtol, batch, seed, layout, dtype, io_dtype, strict_range, **opts):
+         trust_pickle, reparameterize, ep, data, atol, rtol, batch, seed, layout, dtype, io_dtype, strict_range,
+         **opts):
     """Fold every BatchNorm of MODEL that can be folded exactly and write the folded ONNX model.
 
     For an .onnx MODEL the ONNX pass runs on the graph. For a PyTorch MODEL the BNs are folded at module level
@@ -217,6 +254,7 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
         raise click.UsageError("missing -o/--output (or use --dry-run)")
     _precision(dtype, io_dtype, strict_range)  # usage checked before anything is read
     source = _weights_for(model, weights, random_weights)
+    _onnx_refuses_reparameterize(model, reparameterize)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data if do_verify or dtype else None, "--data")
     plan.write_model(None if dry_run else output, "-o", in_place=in_place and _is_onnx(model))
@@ -239,7 +277,8 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
         torch_model, inputs, names = _load_torch(model, source, input_shape, trust_pickle)
         _, report = fold_torch(torch_model, inputs, None if dry_run else output, options, opset=opset,
                                input_names=names, check=not no_check, dry_run=dry_run, verify=verify,
-                               precision=precision, provenance=_provenance(model, source))
+                               precision=precision, provenance=_provenance(model, source),
+                               reparameterize=reparameterize)
     verdict = f"PLAN | {report.summary()}" if dry_run else f"FOLDED | {report.summary()} -> {output}"
     if "verify_verdict" in report.extra:
         out_console(json_mode).print(_with_note(report.extra["verify_verdict"], choice.note()), soft_wrap=True)
@@ -255,10 +294,11 @@ def fold(model: str, output: Path | None, report_path: Path | None, dry_run: boo
               help="Also write the fold report as JSON to this file.")
 @precision_options
 @torch_model_options
+@reparameterize_option
 @json_option
 @common_options
 def export(model: str, output: Path, no_fold: bool, report_path: Path | None, json_mode: bool, weights,
-           random_weights, input_shape, opset, trust_pickle, dtype, io_dtype, strict_range):
+           random_weights, input_shape, opset, trust_pickle, reparameterize, dtype, io_dtype, strict_range):
     """Export a PyTorch MODEL to ONNX (dynamic batch), folded by default, or with --no-fold as it is.
 
     \b
@@ -275,7 +315,8 @@ def export(model: str, output: Path, no_fold: bool, report_path: Path | None, js
     OutputPlan().read(weights, "--weights").write_model(output, "-o").write(report_path, "--report").check()
     torch_model, inputs, names = _load_torch(model, source, input_shape, trust_pickle)
     _, report = fold_torch(torch_model, inputs, output, opset=opset, input_names=names, fold=not no_fold,
-                           precision=precision, provenance=_provenance(model, source))
+                           precision=precision, provenance=_provenance(model, source),
+                           reparameterize=reparameterize)
     if no_fold:
         verdict = f"EXPORTED | BatchNorm kept ({report.extra['onnx_bn_kept']} BatchNormalization) -> {output}"
     else:
@@ -664,7 +705,7 @@ def _with_note(verdict: str, note: str) -> str:
 
 def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, calibrate_batches=None, eps, iters,
               batches, threads, json_mode, extra=None, min_effect=0.02, dtype=None, io_dtype=False,
-              strict_range=False, provenance=None):
+              strict_range=False, provenance=None, reparameterize=False):
     """``eps``: the :class:`bnfold.runtime.ProviderChoice` to verify and benchmark on."""
     from bnfold.pipeline import RunOptions, run_pipeline
 
@@ -676,8 +717,10 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
             con.print(styled(f"- {msg}", "dim"))
     from .progress import BenchDisplay
 
-    options = RunOptions(eps=eps.eps, eps_skipped=eps.skipped, batches=batches, iters=iters, threads=threads, min_effect=min_effect, dtype=dtype,
-                         io_dtype=io_dtype, strict_range=strict_range)
+    options = RunOptions(eps=eps.eps, eps_skipped=eps.skipped, batches=batches, iters=iters, threads=threads,
+                         min_effect=min_effect, dtype=dtype,
+                         io_dtype=io_dtype, strict_range=strict_range,
+                         reparameterize=reparameterize)
     with BenchDisplay(con, bool(quiet), prefix="  ") as display:
         report = run_pipeline(model_obj, outdir, name=name, example_inputs=inputs, input_names=names, data=data,
                               calibrate_batches=calibrate_batches, options=options, extra=extra, step=step,
@@ -714,11 +757,12 @@ def _run_flow(model_obj, outdir, name, *, inputs=None, names=None, data=None, ca
               help="Name a latency difference only beyond this fraction (and when its 95% interval excludes 1).")
 @precision_options
 @torch_model_options
+@reparameterize_option
 @layout_option
 @json_option
 @common_options
 def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_effect, weights, random_weights,
-        input_shape, opset, layout, trust_pickle, json_mode, dtype, io_dtype, strict_range):
+        input_shape, opset, layout, trust_pickle, reparameterize, json_mode, dtype, io_dtype, strict_range):
     """The whole job: (recalibrate) -> fold -> export -> verify -> benchmark original vs folded -> report.
 
     \b
@@ -732,6 +776,7 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     source = _weights_for(model, weights, random_weights)
     eps = resolve_providers(eps)
 
+    _onnx_refuses_reparameterize(model, reparameterize)
     plan = OutputPlan().read_model(model if _is_onnx(model) else None).read(weights, "--weights")
     plan.read(data, "--data").read(calibrate_data, "--calibrate-data")
     plan.write_folder(outdir, FILES, "-o", models=FILES[:2]).check()
@@ -741,7 +786,8 @@ def run(model, outdir, data, calibrate_data, eps, batches, iters, threads, min_e
     sys.exit(_run_flow(r.model, outdir, r.name, inputs=r.example_inputs, names=r.input_names, data=r.data,
                        calibrate_batches=r.calibrate_batches, eps=eps, iters=iters, batches=batches,
                        threads=threads, json_mode=json_mode, min_effect=min_effect, dtype=dtype,
-                       io_dtype=io_dtype, strict_range=strict_range, provenance=r.provenance))
+                       io_dtype=io_dtype, strict_range=strict_range, provenance=r.provenance,
+                       reparameterize=reparameterize))
 
 
 @main.command()
