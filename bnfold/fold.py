@@ -96,10 +96,9 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike | None, option
             return report
         prov_mod.record(folded, prov)
         if verify:
-            if loaded.source is not None:
-                reference, candidate = loaded.source.materialize(), loaded.source.materialize(folded)
-            else:
-                reference, candidate = loaded.model, folded
+            # the fold's new weights are references too (protofile.deferred_tensors): ONNX Runtime gets data
+            reference = loaded.source.materialize() if loaded.source is not None else loaded.model
+            candidate = protofile.materialize(folded)
             _verify_or_raise(reference, candidate, report, verify)
             del reference, candidate
         external = loaded.external_data

@@ -155,6 +155,8 @@ def _onnx_refuses_reparameterize(model: str, reparameterize: bool) -> None:
 
 
 def _print_deploy_switches(con, report) -> None:
+    if "deploy_switches" not in report.extra and "reparameterized" not in report.extra:
+        return  # (an ONNX model: torch is not imported)
     from bnfold.torch_fold import describe_switches
 
     if "deploy_switches" in report.extra:

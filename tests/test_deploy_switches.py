@@ -21,6 +21,7 @@ from bnfold import BnfoldError, count_bn
 from bnfold.cli.main import main
 from bnfold.fold import fold_torch, inspect_torch
 from bnfold.models import zoo
+from bnfold.onnx_fold import FoldOptions
 from bnfold.torch_fold import find_deploy_switches, reparameterize
 
 from .helpers import assert_close, run_ort
@@ -145,13 +146,14 @@ def test_reparameterize_refuses_training_mode_and_says_which_switch_failed():
 def test_fold_with_reparameterize_merges_the_branches(tmp_path):
     model = build()
     x = torch.randn(SHAPE)
-    _, plain = fold_torch(model, (x,), tmp_path / "plain.onnx")
+    _, plain = fold_torch(model, (x,), tmp_path / "plain.onnx", FoldOptions(merge_branches=False))
+    _, merged = fold_torch(model, (x,), tmp_path / "merged.onnx")  # the ONNX pass merges the branches itself
     res, report = fold_torch(model, (x,), tmp_path / "rep.onnx", reparameterize=True)
     assert report.extra["reparameterized"]["count"] == 4
     assert [m["module"] for m in report.extra["reparameterized"]["modules"]] == [s[0] for s in SWITCHES]
     assert "reparameterized" not in plain.extra and plain.folded == plain.bn_total == 5
     convs = {}
-    for name in ("plain", "rep"):
+    for name in ("plain", "merged", "rep"):
         out = onnx.load(tmp_path / f"{name}.onnx")
         onnx.checker.check_model(out, full_check=True)
         assert count_bn(out) == 0
@@ -159,7 +161,7 @@ def test_fold_with_reparameterize_merges_the_branches(tmp_path):
         with torch.no_grad():
             ref = copy.deepcopy(model).double()(x.double()).numpy()
         assert_close(run_ort(out, {out.graph.input[0].name: x.numpy()})[0], ref)
-    assert (convs["plain"], convs["rep"]) == (5, 3)
+    assert (convs["plain"], convs["merged"], convs["rep"]) == (5, 3, 3)
 
 
 def test_inspect_lists_the_switches():
