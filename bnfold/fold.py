@@ -161,12 +161,7 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
         if verify:
             _verify_or_raise(model, onnx_model, report, verify)
         if dst is not None:
-            warnings: list[str] = []
-            validate = folded_checker(exported, "export", warnings) if check else None
-            save_model(onnx_model, dst, copy=False, validate=validate)
-            report.extra["output"] = str(dst)
-            if warnings:
-                report.extra["warnings"] = warnings
+            _save_export(onnx_model, exported, dst, check, report)
         return None, report
     if fold:
         result = fold_module(module, example_inputs, inplace=reparameterize)  # a copy already when switched
@@ -200,13 +195,18 @@ def fold_torch(model, example_inputs, dst: str | os.PathLike | None, options: Fo
     if verify and fold:
         _verify_or_raise(model, onnx_model, report, verify)
     if dst is not None:
-        warnings: list[str] = []
-        validate = folded_checker(exported, "export", warnings) if check else None
-        save_model(onnx_model, dst, copy=False, validate=validate)
-        report.extra["output"] = str(dst)
-        if warnings:
-            report.extra["warnings"] = warnings
+        _save_export(onnx_model, exported, dst, check, report)
     return result, report
+
+
+def _save_export(onnx_model, exported, dst, check: bool, report: FoldReport) -> None:
+    """Write the folded export to ``dst`` (checked against the export it came from when ``check``)."""
+    warnings: list[str] = []
+    validate = folded_checker(exported, "export", warnings) if check else None
+    save_model(onnx_model, dst, copy=False, validate=validate)
+    report.extra["output"] = str(dst)
+    if warnings:
+        report.extra["warnings"] = warnings
 
 
 def _record_summary(onnx_model, report: FoldReport) -> None:
