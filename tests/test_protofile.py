@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import re
 import shutil
 import subprocess
@@ -287,9 +288,11 @@ FS_CALLS = ("open", "write", "replace", "rename", "unlink", "fsync", "mkdir", "r
 
 
 def _in_child(fn, crash_at: int) -> int:
+    scratch = tempfile.mkdtemp(prefix="bnfold-crash-")  # what the crashed child leaves in its temp dir
     pid = os.fork()
     if pid == 0:
         try:
+            tempfile.tempdir = scratch
             count = [0]
 
             def wrap(real):
@@ -307,6 +310,7 @@ def _in_child(fn, crash_at: int) -> int:
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
+    shutil.rmtree(scratch, ignore_errors=True)
     return os.waitstatus_to_exitcode(status)
 
 

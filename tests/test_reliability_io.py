@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tempfile
 import re
 import shutil
 import signal
@@ -66,9 +67,11 @@ def temps(folder: Path) -> list[str]:
 def in_child(fn, crash_at: int | None, mode: str = "exit") -> int:
     """Run ``fn`` in a forked child whose k-th filesystem call crashes it (``exit``: os._exit, no cleanup;
     ``raise``: an OSError, so cleanup runs). Returns the child's exit code (0 = completed)."""
+    scratch = tempfile.mkdtemp(prefix="bnfold-crash-")  # what the crashed child leaves in its temp dir
     pid = os.fork()
     if pid == 0:  # child
         try:
+            tempfile.tempdir = scratch
             count = [0]
 
             def wrap(real):
@@ -88,6 +91,7 @@ def in_child(fn, crash_at: int | None, mode: str = "exit") -> int:
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
+    shutil.rmtree(scratch, ignore_errors=True)
     return os.waitstatus_to_exitcode(status)
 
 
