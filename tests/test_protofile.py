@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import tempfile
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
