@@ -104,27 +104,52 @@ def _runtime_version(cfg: dict, env: dict) -> str:
 
 def bench_table(run, width: int = 80) -> Table:
     """Latency per model and setting, with the ratio to the first model and its verdict. Narrow (below 110
-    columns, and when piped) it keeps only the median, the ratio and their intervals; numbers never wrap."""
+    columns, and when piped) it keeps only the median, the ratio and their intervals; numbers never wrap, and
+    names are never cut or broken inside the table: where the longest does not fit beside the numbers, rows are
+    labelled ``#1``, ``#2``... and the title lists each label's full name."""
     from pathlib import Path
 
+    names = [Path(r.model).name for r in run.results]
+    if len(set(names)) < len({r.model for r in run.results}):
+        names = [r.model for r in run.results]
+    table = _bench_table(run, width, [printable(n) for n in names], legend=None)
+    if _natural_width(table) <= width:
+        return table
+    labels = [f"#{k}" for k in range(1, len(names) + 1)]
+    seen: dict[str, str] = {}
+    for label, name in zip(labels, names):
+        seen.setdefault(name, label)
+    labels = [seen[n] for n in names]  # a model listed twice keeps one label
+    legend = [f"{seen[n]} {printable(n)}" for n in dict.fromkeys(names)]
+    return _bench_table(run, width, labels, legend=legend)
+
+
+def _natural_width(table: Table) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    con = Console(width=100_000)
+    return Measurement.get(con, con.options, table).maximum
+
+
+def _bench_table(run, width: int, names: list[str], legend: list[str] | None) -> Table:
     from rich import box
 
     from bnfold.bench import judge
 
     wide, narrow = width >= 110, width < 80
-    table = Table(title="latency (ms); ratio = model / first model", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True)
-    names = [Path(r.model).name for r in run.results]
-    if len(set(names)) < len({r.model for r in run.results}):
-        names = [r.model for r in run.results]
+    title = Text("latency (ms); ratio = model / first model")
+    for line in legend or ():
+        title.append("\n" + line)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     min_effect = run.config.get("min_effect", 0.02)
     if narrow:  # below 80 columns: two lines per cell, so no number is ever cut
-        table.add_column("model / setting", overflow="fold")
+        table.add_column("model / setting", no_wrap=True)
         for col in ("p50 / 95% CI", "ratio / 95% CI"):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("verdict", overflow="fold")
     else:
-        table.add_column("model", overflow="fold")
+        table.add_column("model", no_wrap=True)
         table.add_column("setting", no_wrap=True)
         cols = ["p50", "95% CI"] + (["p90", "p99", "sessions"] if wide else []) + ["ratio", "95% CI", "verdict"]
         for col in cols:
@@ -142,9 +167,9 @@ def bench_table(run, width: int = 80) -> Table:
                     else "no diff." if v == "none" else f"{100 * abs(1 - r.ratio):.1f}% {v}")
             ratio, rci = f"{r.ratio:.3f}", f"{r.ratio_ci95[0]:.3f}-{r.ratio_ci95[1]:.3f}"
         if narrow:
-            table.add_row(cell(name) + "\n" + cell(setting), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
+            table.add_row(Text(name) + "\n" + cell(setting), f"{p50}\n{ci}", f"{ratio}\n{rci}", word)
             continue
-        row = [cell(name), setting, p50, ci]
+        row = [Text(name), setting, p50, ci]
         if wide:
             row += [_ms(r.p90_ms, r.p50_ms), _ms(r.p99_ms, r.p50_ms), f"{r.sessions}x{min(r.rounds_per_session or [0])}"]
         table.add_row(*row, ratio, rci, word)

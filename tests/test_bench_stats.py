@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -273,3 +274,46 @@ def test_table_words_below_the_threshold_and_underpowered():
     con.print(bench_table(run, 100))
     text = con.export_text()
     assert "below 2%" in text and "underpowered" in text and "no diff." not in text
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 130])
+def test_table_keeps_long_names_whole_and_numbers_on_their_row(width):
+    """Names that do not fit beside the numbers are neither cut nor broken inside the table: rows get labels
+    (#1, #2) and the title gives each label's whole name on one line; short names stay in the table."""
+    from rich.console import Console
+
+    from bnfold.bench import BenchResult, BenchRun
+    from bnfold.cli.render import bench_table
+
+    def res(model, ratio, ci, verdict="none"):
+        return BenchResult(model=model, ep="cpu", opt_level="all", batch=1, p50_ms=1.234, p90_ms=1.3, p99_ms=1.4,
+                           mean_ms=1.2, ci95_ms=[1.2, 1.3], throughput=1e3, session_ms=1.0, model_mb=0.1,
+                           providers=["CPUExecutionProvider"], iters=24, threads=1, io_binding=False,
+                           cuda_graph=False, ratio=ratio, ratio_ci95=ci, spread_halfwidth=0.001, verdict=verdict)
+
+    def render(names):
+        rows = [res(names[0], 1.0, [1.0, 1.0], verdict=None)] + [res(n, 0.95, [0.94, 0.96], "faster")
+                                                                 for n in names[1:]]
+        run = BenchRun(rows, [], {"cpu": "x", "cpu_count": 2, "onnxruntime": "1"},
+                       {"sessions": 4, "rounds_per_session": 6, "min_session_s": 0, "warmup": 1, "threads": 1,
+                        "min_effect": 0.02})
+        con = Console(width=width, record=True)
+        con.print(bench_table(run, width))
+        return con.export_text(styles=False).splitlines()
+
+    long = ["/models/a_very_long_model_name_for_the_original_network.onnx",
+            "/models/a_very_long_model_name_for_the_original_network_folded.onnx"]
+    lines = render(long)
+    assert all(len(ln.rstrip()) <= width for ln in lines)
+    for k, name in enumerate(long, 1):
+        base = name.rsplit("/", 1)[1]
+        legend = [i for i, ln in enumerate(lines) if ln.strip() in (f"#{k} {base}", f"#{k}")]
+        assert len(legend) == 1  # the title's line for this label, the whole name on it or on the next line
+        assert base in lines[legend[0]] or lines[legend[0] + 1].strip() == base
+        assert sum(ln.strip().startswith(f"#{k} ") and base not in ln for ln in lines) == 1  # the row's label
+    assert "…" not in "\n".join(lines)
+    assert len([m for ln in lines for m in re.findall(r"(?<![\d.])0\.940-0\.960(?![\d.])", ln)]) == 1
+
+    short = render(["a.onnx", "b.onnx"])
+    assert not any(ln.strip().startswith("#1") for ln in short)
+    assert any("a.onnx" in ln for ln in short) and any("b.onnx" in ln for ln in short)
