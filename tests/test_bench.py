@@ -386,7 +386,7 @@ def test_cli_table_legible_when_narrow_and_piped(models, tmp_path, columns):
     assert "…" not in p.stdout  # nothing cut short
     assert len([ln for ln in lines if "cpu all 1" in ln]) == 2
     ratio_ci = re.findall(r"(?<![\d.])\d\.\d{3}-\d\.\d{3}(?![\d.])", p.stdout)
-    assert len(ratio_ci) == 1  # the folded model's ratio interval, whole
+    assert ratio_ci  # the folded model's ratio interval, whole (a p50 interval of 1-10 ms has the same form)
     assert len(re.findall(r"(?<![\d.])\d+\.\d+-\d+\.\d+(?![\d.])", p.stdout)) == 3  # and both p50 intervals
     assert lines[-1].startswith("DONE | ")
 
