@@ -34,7 +34,8 @@ class Skip(Exception):
 @dataclass
 class Param:
     """A layer parameter as the plan will write it: ``base * factor`` (a stored weight times a small broadcastable
-    float64 factor, so a weight is never copied to float64 and is rounded once) or a float64 ``value``."""
+    float64 factor, so a weight is never copied to float64 and is rounded once) or a float64 ``value``.
+    :meth:`recipe` is what :func:`bnfold.planner.apply` writes: the value is computed when the file is written."""
 
     dtype: np.dtype
     stored: np.ndarray | None = None
@@ -43,6 +44,8 @@ class Param:
     #: reads a stored initializer's values when needed (the plan does not hold every weight in memory)
     loader: object = None
     stored_shape: tuple | None = None
+    #: the loader reads the source file, not the TensorProto (which the fold may rewrite before it is written)
+    detached: bool = False
 
     @property
     def base(self) -> np.ndarray:
@@ -63,12 +66,22 @@ class Param:
         if self.value is not None:
             return Param(self.dtype, value=self.value * factor)
         return Param(self.dtype, stored=self.stored, factor=self.factor * factor, loader=self.loader,
-                     stored_shape=self.stored_shape)
+                     stored_shape=self.stored_shape, detached=self.detached)
 
     def materialize(self, what: str) -> np.ndarray:
         if self.value is not None:
             return formula.cast_checked(self.value, self.dtype, what=what)
         return formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+
+    def recipe(self, what: str) -> protofile.Computed | np.ndarray:
+        """The value to write: a recipe for :meth:`materialize` (evaluated when written, one tensor at a time),
+        or the array itself when the value depends on a TensorProto that applying the plan may rewrite (a
+        weight loaded whole, not a reference into the source file). :meth:`check_cast` ran while planning, so
+        evaluating it cannot overflow."""
+        if self.value is None and self.stored is None and not self.detached:
+            return self.materialize(what)
+        shape = self.shape if self.value is not None else np.broadcast_shapes(self.shape, np.shape(self.factor))
+        return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape))
 
     def check_cast(self, what: str) -> None:
         """Raise :class:`Skip` ``cast_overflow`` when the value would not fit the dtype (checked before planning
@@ -183,7 +196,9 @@ class Context:
             # a large stored weight: read when applied, not held by the plan
             dtype = self.mg.np_dtype(b)
             if dtype is not None and is_float_dtype(dtype):
-                return Param(np.dtype(dtype), loader=lambda t=init: self.mg.read(t), stored_shape=tuple(init.dims))
+                loader = protofile.tensor_loader(init)  # a reference: read from the source, as it is now
+                return Param(np.dtype(dtype), loader=loader or (lambda t=init: self.mg.read(t)),
+                             stored_shape=tuple(init.dims), detached=loader is not None)
         v = self.mg.const(b)
         if isinstance(v, NotConst):
             raise not_const_skip(v, f"the {what} of {self.mg.label(key)}", weight=True)
