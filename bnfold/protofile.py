@@ -309,13 +309,13 @@ def _read_ref(src: Source, ref: Ref, t: onnx.TensorProto) -> np.ndarray:
     if ref.computed is not None:
         arr = ref.computed()
         return arr if ref.computed.fresh else arr.copy()
-    raw = bytes(src.data(ref))
+    raw = src.data(ref)
     plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
     if plain is not None:
-        return np.frombuffer(raw, dtype=plain).reshape(t.dims)
+        return np.frombuffer(raw, dtype=plain).reshape(t.dims)  # over the bytes read: no second copy
     full = onnx.TensorProto()
     full.CopyFrom(t)
-    _fill(full, raw)
+    _fill(full, bytes(raw))
     return numpy_helper.to_array(full)
 
 
@@ -374,6 +374,13 @@ def _deferred() -> list[Source]:
     if stack is None:
         stack = _LOCAL.stack = []
     return stack
+
+
+def deferring() -> bool:
+    """Whether :func:`new_tensor` gives references now (inside :func:`deferred_tensors`)."""
+    return bool(_deferred())
+
+
 _SIMPLE = {np.dtype(d) for d in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16,
                                  np.int32, np.int64, np.uint32, np.uint64, np.bool_)}
 

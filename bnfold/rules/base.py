@@ -8,6 +8,7 @@ reason code (see :data:`bnfold.report.REASONS`) and a message. Nothing is writte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,9 @@ class Param:
         evaluating it cannot overflow."""
         if self.value is None and self.stored is None and not self.detached:
             return self.materialize(what)
+        small = math.prod(self.shape) * np.dtype(self.dtype).itemsize < protofile.SKELETON_BYTES
+        if small or not protofile.deferring():
+            return self.materialize(what)  # small, or written as it is computed: no recipe to keep
         shape = self.shape if self.value is not None else np.broadcast_shapes(self.shape, np.shape(self.factor))
         return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape))
 
