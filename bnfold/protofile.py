@@ -404,12 +404,14 @@ def new_tensor(value: np.ndarray | Computed, name: str) -> onnx.TensorProto:
     :func:`deferred_tensors`, for large tensors of plain dtypes (written the same way by from_array), a
     reference to ``value`` that is written as that tensor: a recipe is evaluated when the tensor is written or
     read, and not held."""
-    comp = value if isinstance(value, Computed) else None
-    dtype = comp.dtype if comp is not None else np.asarray(value).dtype
-    nbytes = comp.nbytes if comp is not None else np.asarray(value).nbytes
+    if isinstance(value, Computed):
+        comp, dtype, nbytes = value, value.dtype, value.nbytes
+    else:
+        value = np.ascontiguousarray(value)
+        comp, dtype, nbytes = None, value.dtype, value.nbytes
     stack = _deferred()
     if not stack or nbytes < SKELETON_BYTES or dtype not in _SIMPLE or sys.byteorder != "little":
-        return numpy_helper.from_array(np.ascontiguousarray(value() if comp is not None else value), name)
+        return numpy_helper.from_array(value() if comp is not None else value, name)
     if comp is None:
         comp = Computed.held(value)
     src = stack[-1]

@@ -79,12 +79,19 @@ class Param:
         or the array itself when the value depends on a TensorProto that applying the plan may rewrite (a
         weight loaded whole, not a reference into the source file). :meth:`check_cast` ran while planning, so
         evaluating it cannot overflow."""
-        if self.value is None and self.stored is None and not self.detached:
+        if not protofile.deferring():
+            return self.materialize(what)  # written as it is computed
+        if self.value is not None:
+            size, shape = self.value.size, self.value.shape
+        elif self.stored is not None or self.detached:
+            size = self.stored.size if self.stored is not None else math.prod(self.stored_shape)
+            shape = None
+        else:
             return self.materialize(what)
-        small = math.prod(self.shape) * np.dtype(self.dtype).itemsize < protofile.SKELETON_BYTES
-        if small or not protofile.deferring():
-            return self.materialize(what)  # small, or written as it is computed: no recipe to keep
-        shape = self.shape if self.value is not None else np.broadcast_shapes(self.shape, np.shape(self.factor))
+        if size * self.dtype.itemsize < protofile.SKELETON_BYTES:
+            return self.materialize(what)  # small: no recipe to keep
+        if shape is None:
+            shape = np.broadcast_shapes(self.shape, np.shape(self.factor))
         return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape))
 
     def check_cast(self, what: str) -> None:
