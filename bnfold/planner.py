@@ -479,6 +479,7 @@ def apply(plan_: Plan, *, materialize=None) -> None:
     time, inside :func:`bnfold.protofile.deferred_tensors`)."""
     mg, ctx = plan_.graph, plan_.context
     ed = _Editor(plan_)
+    lazy = protofile.deferring()  # new tensors are references now: their values are computed when written
     for step in plan_.steps:
         m = step.match
         if m is None:
@@ -523,7 +524,9 @@ def apply(plan_: Plan, *, materialize=None) -> None:
             ed.touched_graphs.add(key.graph)
             continue
         base = f"{label}_W" if slot == 1 else f"{label}_B"
-        ed.write_param(key, slot, p.recipe(what) if arr is None else arr, base)
+        if arr is None:
+            arr = p.recipe(what) if lazy else p.materialize(what)
+        ed.write_param(key, slot, arr, base)
     for key, attrs in ctx.attrs.items():
         for name, value in attrs.items():
             _set_attr(mg.node(key), name, value)

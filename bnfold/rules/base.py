@@ -79,8 +79,6 @@ class Param:
         or the array itself when the value depends on a TensorProto that applying the plan may rewrite (a
         weight loaded whole, not a reference into the source file). :meth:`check_cast` ran while planning, so
         evaluating it cannot overflow."""
-        if not protofile.deferring():
-            return self.materialize(what)  # written as it is computed
         if self.value is not None:
             size, shape = self.value.size, self.value.shape
         elif self.stored is not None or self.detached:
