@@ -213,6 +213,8 @@ class Source:
         """The tensor's bytes: read from its file (not through the map: no page of it stays in the process)."""
         if ref.computed is not None:
             return _bytes_of(ref.computed())
+        if self._closed:  # a recipe read after its source was closed: its descriptor may be another file's now
+            raise RuntimeError(f"{self.path}: a tensor refers to a model file that was closed")
         fd, _ = self.files[ref.file]
         off, n = ref.data
         out = bytearray(n)

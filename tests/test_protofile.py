@@ -361,6 +361,22 @@ def test_closed_source_is_an_error_not_garbage(tmp_path):
         protofile.tensor_array(t)
 
 
+def test_a_recipe_read_after_its_source_closed_is_an_error_not_garbage(tmp_path):
+    """A folded weight's recipe reads the source file when evaluated: once the source is closed (its file
+    descriptor may then be another file's), evaluating it is an error."""
+    src = tmp_path / "m.onnx"
+    onnx.save(wide_chain(n=1), src)
+    with protofile.deferred_tensors():
+        loaded = load_model(src, skeleton=True)
+        folded, _ = fold_model(loaded.model, inplace=True)
+        w = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+        assert protofile.is_reference(w) and protofile.tensor_array(w).shape == (96, 96, 3, 3)
+        loaded.close()
+        with open(src, "rb"):  # likely reuses the closed descriptor's number
+            with pytest.raises(RuntimeError, match="closed"):
+                protofile.tensor_array(w)
+
+
 def test_peak_memory_is_below_the_file_size(tmp_path):
     """VmHWM of a fresh interpreter (exec'd, so no inherited peak): folding a 42 MB model costs less than the file
     on top of the imports: untouched tensors are copied by the kernel, never read into the process; the
