@@ -17,8 +17,9 @@
   (``copy_file_range``) without passing through Python. The tensors the fold computes are references too
   (:func:`new_tensor` of a :class:`Computed` inside :func:`deferred_tensors`): a recipe (the stored weight times a
   per-channel factor, read from the source), its dtype and its shape; the writer evaluates each one when it
-  encodes it and drops it afterwards, so that a fold holds one computed tensor at a time, never the model's new
-  weights together. A later read (:func:`tensor_array`, :func:`materialize`) evaluates the recipe again. With
+  encodes it, in blocks of rows of about :data:`BLOCK_BYTES` (each read alone from the source), and drops it
+  afterwards, so that a fold holds one block of one computed tensor at a time, never the model's new weights
+  together. A later read (:func:`tensor_array`, :func:`materialize`) evaluates the recipe again. With
   external data, the referenced tensors' bytes are streamed into the new data file in the order and at
   the offsets ``onnx.save_model`` gives them. The output is byte-identical to ``onnx.save_model`` of the fully
   loaded folded model whenever the source file is in protobuf's canonical encoding (every file that protobuf,
@@ -161,6 +162,8 @@ class Computed:
     dtype: np.dtype
     shape: tuple[int, ...]
     fresh: bool = True
+    #: the same values in blocks (C order, each of ``dtype``), so that the writer holds one block at a time
+    blocks: Callable[[], Iterator[np.ndarray]] | None = None
 
     @classmethod
     def held(cls, arr: np.ndarray) -> Computed:
@@ -178,6 +181,21 @@ class Computed:
             raise AssertionError(f"a computed tensor gave {arr.dtype}{list(arr.shape)}, its recipe says "
                                  f"{self.dtype}{list(self.shape)}")
         return arr
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """The values, in C order: block by block when the recipe has blocks, else whole."""
+        if self.blocks is None:
+            yield self()
+            return
+        done = 0
+        for b in self.blocks():
+            b = np.ascontiguousarray(b)
+            if b.dtype != self.dtype:
+                raise AssertionError(f"a computed tensor's block is {b.dtype}, its recipe says {self.dtype}")
+            done += b.nbytes
+            yield b
+        if done != self.nbytes:
+            raise AssertionError(f"a computed tensor's blocks hold {done} bytes, its recipe says {self.nbytes}")
 
 
 @dataclass
@@ -209,14 +227,19 @@ class Source:
             if fd >= 0:
                 os.close(fd)
 
-    def data(self, ref: Ref) -> bytes | memoryview:
-        """The tensor's bytes: read from its file (not through the map: no page of it stays in the process)."""
+    def data(self, ref: Ref, start: int = 0, n: int | None = None) -> bytes | memoryview:
+        """The tensor's bytes (``n`` of them from ``start``, by default all): read from its file (not through the
+        map: no page of it stays in the process)."""
         if ref.computed is not None:
-            return _bytes_of(ref.computed())
+            return _bytes_of(ref.computed())[start:None if n is None else start + n]
         if self._closed:  # a recipe read after its source was closed: its descriptor may be another file's now
             raise RuntimeError(f"{self.path}: a tensor refers to a model file that was closed")
         fd, _ = self.files[ref.file]
-        off, n = ref.data
+        off, size = ref.data
+        n = size - start if n is None else n
+        if start < 0 or n < 0 or start + n > size:
+            raise ValueError(f"bytes {start}:{start + n} of a tensor of {size}")
+        off += start
         out = bytearray(n)
         view = memoryview(out)
         done = 0
@@ -321,16 +344,37 @@ def _read_ref(src: Source, ref: Ref, t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(full)
 
 
-def tensor_loader(t: onnx.TensorProto) -> Callable[[], np.ndarray] | None:
-    """For a reference: a function that reads ``t``'s values as they are now (what :func:`tensor_array` gives),
-    from its source, even after ``t`` itself is rewritten (a folded weight written in place of the weight it
-    is computed from). None for a tensor whose data is in the message."""
+BLOCK_BYTES = 1 << 20  #: a computed weight is read, computed and written in blocks of about this size
+
+
+class Loader:
+    """Reads a reference's values as they are now (what :func:`tensor_array` gives), from its source, even after
+    the tensor itself is rewritten (a folded weight written in place of the weight it is computed from);
+    :meth:`rows` reads a block of rows of axis 0 alone."""
+
+    def __init__(self, src: Source, ref: Ref, t: onnx.TensorProto):
+        self.src, self.ref = src, ref
+        self.head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+    def __call__(self) -> np.ndarray:
+        return _read_ref(self.src, self.ref, self.head)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """``values[start:stop]`` (axis 0); read alone from the file for plain dtypes."""
+        dims = list(self.head.dims)
+        plain = _PLAIN.get(self.head.data_type) if sys.byteorder == "little" else None
+        if plain is None or self.ref.computed is not None or not dims:
+            return self()[start:stop]
+        stop = min(stop, dims[0])
+        row = int(np.prod(dims[1:], dtype=np.int64)) * plain.itemsize
+        raw = self.src.data(self.ref, start * row, max(0, stop - start) * row)
+        return np.frombuffer(raw, dtype=plain).reshape([max(0, stop - start)] + dims[1:])
+
+
+def tensor_loader(t: onnx.TensorProto) -> Loader | None:
+    """A :class:`Loader` of the reference ``t``; None for a tensor whose data is in the message."""
     found = _ref_of(t)
-    if found is None:
-        return None
-    src, ref = found
-    head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-    return lambda: _read_ref(src, ref, head)
+    return None if found is None else Loader(*found, t)
 
 
 def tensor_size(t: onnx.TensorProto) -> int:
@@ -750,7 +794,8 @@ def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
                 sfd, mm = src.files[0]
                 _copy_range(sfd, mm, fd, off, n)
             elif isinstance(c, Computed):
-                _write_all(fd, _bytes_of(c()))  # evaluated here, dropped after
+                for block in c.pieces():  # evaluated here, block by block, dropped after
+                    _write_all(fd, _bytes_of(block))
             else:
                 _write_all(fd, c)
     finally:
@@ -837,7 +882,8 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
             if found is not None:
                 src, ref = found
                 if ref.computed is not None:
-                    _write_all(fd, _bytes_of(ref.computed()))  # evaluated here, dropped after
+                    for block in ref.computed.pieces():  # evaluated here, block by block, dropped after
+                        _write_all(fd, _bytes_of(block))
                 else:
                     sfd, mm = src.files[ref.file]
                     _copy_range(sfd, mm, fd, ref.data[0], ref.data[1])

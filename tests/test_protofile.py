@@ -23,6 +23,7 @@ from bnfold.errors import BnfoldError
 from bnfold.fold import fold_onnx_file, inspect_onnx_file
 from bnfold.onnx_fold import FoldOptions, fold_model
 from bnfold.onnx_io import load_model, save_model
+from bnfold.rules.base import Param
 
 from .helpers import G, random_feeds, run_ort
 
@@ -211,38 +212,56 @@ def _parts(p: Path) -> tuple[bytes, bytes | None]:
 
 
 class _Evaluations:
-    """Counts the recipes evaluated (:class:`protofile.Computed`) and, at each evaluation, how many arrays that
-    earlier evaluations returned are still alive."""
+    """Counts the recipes evaluated (:class:`protofile.Computed`, whole or in blocks) and, at each array or
+    block computed, how many that earlier ones returned are still alive."""
 
     def __init__(self, monkeypatch):
         import weakref
 
-        self.count, self.most_alive, self._returned = 0, 0, []
-        real = protofile.Computed.__call__
+        self.count, self.blocks, self.most_alive, self._returned = 0, 0, 0, []
+        real_call, real_pieces = protofile.Computed.__call__, protofile.Computed.pieces
+
+        def seen(arr):
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in self._returned))
+            self._returned.append(weakref.ref(arr))
 
         def call(comp):
-            arr = real(comp)
+            arr = real_call(comp)
             if comp.fresh:
                 self.count += 1
-                self.most_alive = max(self.most_alive, sum(r() is not None for r in self._returned))
-                self._returned.append(weakref.ref(arr))
+                seen(arr)
             return arr
+
+        def pieces(comp):
+            if comp.blocks is not None:
+                self.count += 1
+            for b in real_pieces(comp):
+                if comp.blocks is not None:
+                    self.blocks += 1
+                    seen(b)
+                yield b
         monkeypatch.setattr(protofile.Computed, "__call__", call)
+        monkeypatch.setattr(protofile.Computed, "pieces", pieces)
 
 
+@pytest.mark.parametrize("block", [1 << 20, 4096], ids=["whole", "blocks"])
 @pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])
-def test_fp16_weights_are_computed_when_written_with_the_same_bytes(tmp_path, monkeypatch, external):
+def test_fp16_weights_are_computed_when_written_with_the_same_bytes(tmp_path, monkeypatch, external, block):
     """An fp16 model, embedded or with external data: every folded weight is a recipe evaluated by the writer
-    (one at a time), and the output is the one that folding the whole loaded model gives (byte for byte;
-    with external data the same model file but for the data file's fresh name, and the same data file)."""
+    (one at a time; in blocks of rows when they are larger than a block), and the output is the one that
+    folding the whole loaded model gives (byte for byte; with external data the same model file but for the
+    data file's fresh name, and the same data file)."""
     m = wide_chain(np.float16)
     src = _save(m, tmp_path / "src", external)
     with load_model(src, skeleton=True) as loaded:
         assert loaded.source is not None and loaded.source.refs
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", block)
     seen = _Evaluations(monkeypatch)
     new = tmp_path / "new.onnx"
     report = fold_onnx_file(src, new)
-    assert report.folded == 3 and seen.count == 3 and seen.most_alive == 0
+    # 96 rows of 96*9 fp16 values (1,728 bytes): one block of 1 MiB, or 48 blocks of 2 rows (4,096 bytes)
+    assert report.folded == 3 and seen.count == 3 and seen.blocks == 3 * (1 if block > 1e5 else 48)
+    assert seen.most_alive <= 1  # the block being written while the next is computed
     monkeypatch.undo()
     old = legacy_fold(src, tmp_path)
     if external:
@@ -260,6 +279,37 @@ def test_fp16_weights_are_computed_when_written_with_the_same_bytes(tmp_path, mo
         scale = gamma / np.sqrt(var + 1e-5)
         want = (inits[conv.input[1]].astype(np.float64) * scale[:, None, None, None]).astype(np.float16)
         np.testing.assert_array_equal(folded[conv.input[1]], want)
+
+
+@pytest.mark.parametrize("factor_shape", [(32, 1, 1, 1), (1, 24, 1, 1), (24, 1, 1), (), (32, 24, 1, 1)],
+                         ids=["rows", "columns", "trailing", "scalar", "grouped"])
+@pytest.mark.parametrize("stored", [False, True], ids=["loader", "stored"])
+def test_a_weight_computed_in_blocks_is_the_weight_computed_whole(tmp_path, monkeypatch, factor_shape, stored):
+    """The blocks of rows of a folded weight (factor per output channel, per input channel, scalar, or one
+    per element of the first two axes as for a grouped ConvTranspose) are, end to end, the whole weight's
+    bytes; the loader reads only each block's rows from the file."""
+    g = G()
+    w = g.rand(32, 24, 3, 3)
+    m = g.model([g.node("Conv", [g.input("x", [1, 24, 5, 5]), g.const(w, "w")])])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", 5 * 24 * 9 * 4)  # 5 rows: blocks of 5, the last of 2
+    factor = np.random.default_rng(0).uniform(-3, 3, factor_shape)
+    with load_model(src, skeleton=True) as loaded:
+        t = loaded.model.graph.initializer[0]
+        loader = protofile.tensor_loader(t)
+        assert loader is not None and loader.rows(30, 40).shape == (2, 24, 3, 3)
+        p = Param(np.dtype(np.float32), stored=w if stored else None, factor=factor, loader=loader,
+                  stored_shape=w.shape, detached=True)
+        comp = p.recipe("w")
+        pieces = list(comp.pieces())
+        assert [len(b) for b in pieces] == [5] * 6 + [2]
+        assert b"".join(b.tobytes() for b in pieces) == comp().tobytes() == (w * factor).astype(np.float32).tobytes()
+        reads = []
+        monkeypatch.setattr(loaded.source, "data", lambda ref, start=0, n=None: reads.append(n) or
+                            protofile.Source.data(loaded.source, ref, start, n))
+        list(comp.pieces())
+        assert reads == ([] if stored else [5 * 24 * 9 * 4] * 6 + [2 * 24 * 9 * 4])
 
 
 def test_computed_tensors_are_read_again_from_their_recipes(tmp_path, monkeypatch):

@@ -88,9 +88,34 @@ class Param:
             return self.materialize(what)
         if size * self.dtype.itemsize < protofile.SKELETON_BYTES:
             return self.materialize(what)  # small: no recipe to keep
+        blocks = None
         if shape is None:
             shape = np.broadcast_shapes(self.shape, np.shape(self.factor))
-        return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape))
+            if shape == tuple(self.shape) and len(shape) >= 1:
+                blocks = lambda: self._blocks(what)  # noqa: E731
+        return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape),
+                                  blocks=blocks)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """``base[start:stop]``, read alone when the loader can."""
+        if self.stored is not None:
+            return self.stored[start:stop]
+        rows = getattr(self.loader, "rows", None)
+        return rows(start, stop) if rows is not None else self.loader()[start:stop]
+
+    def _row_blocks(self) -> list[tuple[int, int]]:
+        """Blocks of rows (axis 0) of about :data:`bnfold.protofile.BLOCK_BYTES` of the stored weight."""
+        n = self.shape[0]
+        row = max(1, math.prod(self.shape[1:]) * self.dtype.itemsize)
+        step = max(1, protofile.BLOCK_BYTES // row)
+        return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+    def _blocks(self, what: str):
+        """:meth:`materialize`, block of rows by block (the factor broadcast against the weight's shape)."""
+        f = np.asarray(self.factor, np.float64)
+        per_row = f.ndim == len(self.shape) and f.shape[0] != 1
+        for i, j in self._row_blocks():
+            yield formula.scale_cast(self._rows(i, j), f[i:j] if per_row else f, self.dtype, what=what)
 
     def check_cast(self, what: str) -> None:
         """Raise :class:`Skip` ``cast_overflow`` when the value would not fit the dtype (checked before planning
@@ -103,12 +128,19 @@ class Param:
             fmax = float(np.max(np.abs(self.factor), initial=0.0))
             if fmax <= 1.0:
                 return  # |base * factor| <= |base|, which fits: the stored weight has the model's dtype
-            base = self.base
-            if base.size:
-                wmax = max(abs(float(np.max(base))), abs(float(np.min(base))))  # no temporary copy
-                if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
-                    return
-            formula.scale_cast(base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+            wmax = 0.0
+            blocks = self._row_blocks() if len(self.shape) >= 1 else [(None, None)]
+            for i, j in blocks:  # block by block: the weight is never read whole here
+                rows = self._rows(i, j) if i is not None else self.base
+                if rows.size:
+                    hi, lo = float(np.max(rows)), float(np.min(rows))
+                    if not (np.isfinite(hi) and np.isfinite(lo)):
+                        wmax = np.inf  # NaN or inf: the exact check below decides
+                        break
+                    wmax = max(wmax, abs(hi), abs(lo))
+            if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
+                return
+            formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
         except formula.CastOverflow as exc:
             raise Skip("cast_overflow", str(exc)) from None
 
