@@ -312,6 +312,34 @@ def test_a_weight_computed_in_blocks_is_the_weight_computed_whole(tmp_path, monk
         assert reads == ([] if stored else [5 * 24 * 9 * 4] * 6 + [2 * 24 * 9 * 4])
 
 
+@pytest.mark.parametrize("factor,overflows", [(2.0, False), (3.0, True)])
+def test_the_cast_check_reads_a_weight_block_by_block(tmp_path, monkeypatch, factor, overflows):
+    """While planning, a weight scaled up is checked against its dtype's range block by block (each block's
+    rows read alone): 30000 in the last block, times 3, overflows fp16; times 2 fits."""
+    from bnfold.rules.base import Skip
+
+    w = np.random.default_rng(0).uniform(-1, 1, (32, 24, 3, 3)).astype(np.float16)
+    w[31, 0, 0, 0] = 30000
+    g = G(dtype=np.float16)
+    m = g.model([g.node("Conv", [g.input("x", [1, 24, 5, 5]), g.const(w, "w")])])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", 5 * 24 * 9 * 2)
+    with load_model(src, skeleton=True) as loaded:
+        reads = []
+        real = loaded.source.data
+        monkeypatch.setattr(loaded.source, "data", lambda ref, start=0, n=None: reads.append(n) or real(ref, start, n))
+        p = Param(np.dtype(np.float16), factor=np.full((32, 1, 1, 1), factor), stored_shape=w.shape, detached=True,
+                  loader=protofile.tensor_loader(loaded.model.graph.initializer[0]))
+        if overflows:
+            with pytest.raises(Skip, match="overflows float16"):
+                p.check_cast("w")
+            assert reads[:7] == [5 * 24 * 9 * 2] * 6 + [2 * 24 * 9 * 2]  # then the exact check reads it whole
+        else:
+            p.check_cast("w")
+            assert reads == [5 * 24 * 9 * 2] * 6 + [2 * 24 * 9 * 2]
+
+
 def test_computed_tensors_are_read_again_from_their_recipes(tmp_path, monkeypatch):
     """A folded weight written in place of the weight it is computed from is read (verify, tensor_array) as
     the folded value, each time afresh, from the source file; and written once per write."""

@@ -129,9 +129,11 @@ class Param:
             if fmax <= 1.0:
                 return  # |base * factor| <= |base|, which fits: the stored weight has the model's dtype
             wmax = 0.0
-            blocks = self._row_blocks() if len(self.shape) >= 1 else [(None, None)]
-            for i, j in blocks:  # block by block: the weight is never read whole here
-                rows = self._rows(i, j) if i is not None else self.base
+            if self.stored is not None or not hasattr(self.loader, "rows") or not self.stored_shape:
+                blocks = [self.base]  # in memory already (or not readable by rows)
+            else:  # block by block: the weight is never read whole here
+                blocks = (self._rows(i, j) for i, j in self._row_blocks())
+            for rows in blocks:
                 if rows.size:
                     hi, lo = float(np.max(rows)), float(np.min(rows))
                     if not (np.isfinite(hi) and np.isfinite(lo)):
