@@ -375,14 +375,14 @@ class _Editor:
         n.input[slot] = name
         self.inc(key.graph, name)
 
-    def add_initializer(self, graph: int, name: str, arr: np.ndarray) -> None:
+    def add_initializer(self, graph: int, name: str, arr: np.ndarray | protofile.Computed) -> None:
         g = self.mg.graphs[graph]
         t = g.proto.initializer.add()
         t.CopyFrom(_tensor(arr, name))
         if self.legacy_inputs and graph == 0:
             g.proto.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
-    def write_param(self, key: NodeKey, slot: int, arr: np.ndarray, base: str) -> None:
+    def write_param(self, key: NodeKey, slot: int, arr: np.ndarray | protofile.Computed, base: str) -> None:
         mg = self.mg
         n = mg.node(key)
         old = n.input[slot] if slot < len(n.input) else ""
@@ -457,8 +457,9 @@ class _Editor:
             g.proto.node.extend(new)
 
 
-def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
-    return protofile.new_tensor(arr, name)  # from_array, or a reference while a file is folded (bnfold.protofile)
+def _tensor(arr: np.ndarray | protofile.Computed, name: str) -> onnx.TensorProto:
+    # from_array, or a reference to the array or recipe while a file is folded (bnfold.protofile)
+    return protofile.new_tensor(arr, name)
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
@@ -473,9 +474,12 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
 def apply(plan_: Plan, *, materialize=None) -> None:
     """Carry out ``plan_`` on the ModelProto it was made from, in place. ``materialize(graph, node, slot, param,
     what)``, when given, may return the array to write for a folded parameter (e.g. rounded straight to a
-    reduced-precision dtype, :mod:`bnfold.precision`); None keeps the default (the model's dtype)."""
+    reduced-precision dtype, :mod:`bnfold.precision`); None keeps the default (the model's dtype), written from
+    its recipe (:meth:`bnfold.rules.base.Param.recipe`: computed when the file is written, one tensor at a
+    time, inside :func:`bnfold.protofile.deferred_tensors`)."""
     mg, ctx = plan_.graph, plan_.context
     ed = _Editor(plan_)
+    lazy = protofile.deferring()  # new tensors are references now: their values are computed when written
     for step in plan_.steps:
         m = step.match
         if m is None:
@@ -504,9 +508,9 @@ def apply(plan_: Plan, *, materialize=None) -> None:
         label = mg.label(key)
         what = f"{label} {'weight' if slot == 1 else 'bias'}"
         arr = None if materialize is None else materialize(mg, key, slot, p, what)
-        if arr is None:
-            arr = p.materialize(what)
         if slot == BIAS_ADD:
+            if arr is None:
+                arr = p.materialize(what)  # a vector: whether it is all zero decides the Add
             if not np.any(arr):
                 continue
             add_name, mid = ctx.bias_add_names.get(key) or (mg.unique(f"{n.name or n.output[0]}_bias_add"),
@@ -520,6 +524,8 @@ def apply(plan_: Plan, *, materialize=None) -> None:
             ed.touched_graphs.add(key.graph)
             continue
         base = f"{label}_W" if slot == 1 else f"{label}_B"
+        if arr is None:
+            arr = p.recipe(what) if lazy else p.materialize(what)
         ed.write_param(key, slot, arr, base)
     for key, attrs in ctx.attrs.items():
         for name, value in attrs.items():

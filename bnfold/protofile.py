@@ -15,7 +15,12 @@
 * **Writing.** A skeleton (folded or not) is written by serializing it (small: nodes, small tensors, references)
   and splicing each untouched reference back as the source's own record, copied from file to file by the kernel
   (``copy_file_range``) without passing through Python. The tensors the fold computes are references too
-  (:func:`new_tensor` inside :func:`deferred_tensors`): held once, as arrays, and encoded one at a time. With external data, the referenced tensors' bytes are streamed into the new data file in the order and at
+  (:func:`new_tensor` of a :class:`Computed` inside :func:`deferred_tensors`): a recipe (the stored weight times a
+  per-channel factor, read from the source), its dtype and its shape; the writer evaluates each one when it
+  encodes it, in blocks of rows of about :data:`BLOCK_BYTES` (each read alone from the source), and drops it
+  afterwards, so that a fold holds one block of one computed tensor at a time, never the model's new weights
+  together. A later read (:func:`tensor_array`, :func:`materialize`) evaluates the recipe again. With
+  external data, the referenced tensors' bytes are streamed into the new data file in the order and at
   the offsets ``onnx.save_model`` gives them. The output is byte-identical to ``onnx.save_model`` of the fully
   loaded folded model whenever the source file is in protobuf's canonical encoding (every file that protobuf,
   and so onnx/torch, writes); otherwise it is identical in content.
@@ -32,7 +37,7 @@ import re
 import secrets
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,12 +145,57 @@ class Ref:
     """Where a referenced tensor's bytes are: ``data`` (offset, length) in ``file`` (an index into
     :attr:`Source.files`); ``record`` (offset, length) of the whole TensorProto in the model file when the
     tensor is stored in it (None for a tensor from an external data file). A tensor the fold computed
-    (:func:`new_tensor`) has its bytes in ``array`` instead."""
+    (:func:`new_tensor`) has its recipe in ``computed`` instead (``data`` is then ``(0, its byte size)``)."""
 
     file: int
     data: tuple[int, int]
     record: tuple[int, int] | None
-    array: np.ndarray | None = None
+    computed: Computed | None = None
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A tensor the fold computes, as a recipe: ``compute()`` returns its values (an array of exactly ``dtype``
+    and ``shape``), each call afresh (``fresh``) or the same held array (an array given as such)."""
+
+    compute: Callable[[], np.ndarray]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fresh: bool = True
+    #: the same values in blocks (C order, each of ``dtype``), so that the writer holds one block at a time
+    blocks: Callable[[], Iterator[np.ndarray]] | None = None
+
+    @classmethod
+    def held(cls, arr: np.ndarray) -> Computed:
+        """An array already computed, held as it is."""
+        arr = np.ascontiguousarray(arr)
+        return cls(lambda: arr, arr.dtype, tuple(arr.shape), fresh=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __call__(self) -> np.ndarray:
+        arr = np.ascontiguousarray(self.compute())
+        if arr.dtype != self.dtype or tuple(arr.shape) != self.shape:
+            raise AssertionError(f"a computed tensor gave {arr.dtype}{list(arr.shape)}, its recipe says "
+                                 f"{self.dtype}{list(self.shape)}")
+        return arr
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """The values, in C order: block by block when the recipe has blocks, else whole."""
+        if self.blocks is None:
+            yield self()
+            return
+        done = 0
+        for b in self.blocks():
+            b = np.ascontiguousarray(b)
+            if b.dtype != self.dtype:
+                raise AssertionError(f"a computed tensor's block is {b.dtype}, its recipe says {self.dtype}")
+            done += b.nbytes
+            yield b
+        if done != self.nbytes:
+            raise AssertionError(f"a computed tensor's blocks hold {done} bytes, its recipe says {self.nbytes}")
 
 
 @dataclass
@@ -177,12 +227,19 @@ class Source:
             if fd >= 0:
                 os.close(fd)
 
-    def data(self, ref: Ref) -> bytes | memoryview:
-        """The tensor's bytes: read from its file (not through the map: no page of it stays in the process)."""
-        if ref.array is not None:
-            return _bytes_of(ref.array)
+    def data(self, ref: Ref, start: int = 0, n: int | None = None) -> bytes | memoryview:
+        """The tensor's bytes (``n`` of them from ``start``, by default all): read from its file (not through the
+        map: no page of it stays in the process)."""
+        if ref.computed is not None:
+            return _bytes_of(ref.computed())[start:None if n is None else start + n]
+        if self._closed:  # a recipe read after its source was closed: its descriptor may be another file's now
+            raise RuntimeError(f"{self.path}: a tensor refers to a model file that was closed")
         fd, _ = self.files[ref.file]
-        off, n = ref.data
+        off, size = ref.data
+        n = size - start if n is None else n
+        if start < 0 or n < 0 or start + n > size:
+            raise ValueError(f"bytes {start}:{start + n} of a tensor of {size}")
+        off += start
         out = bytearray(n)
         view = memoryview(out)
         done = 0
@@ -222,7 +279,7 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
         found = _ref_of(t)
         if found is not None:
             src, ref = found
-            _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
+            _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.computed is None)
     return out
 
 
@@ -263,22 +320,61 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """The values of a stored tensor, reading a reference from its source (one copy): what
     ``numpy_helper.to_array`` gives for the tensor loaded whole (its own code for plain dtypes in raw data)."""
     found = _ref_of(t)
-    plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
     if found is None:
+        plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
         if plain is not None and t.HasField("raw_data") and not t.HasField("segment") \
                 and t.data_location != onnx.TensorProto.EXTERNAL:
             return np.frombuffer(t.raw_data, dtype=plain).reshape(t.dims)
         return numpy_helper.to_array(t)
-    src, ref = found
-    if ref.array is not None:
-        return ref.array.copy()
-    raw = bytes(src.data(ref))
+    return _read_ref(*found, t)
+
+
+def _read_ref(src: Source, ref: Ref, t: onnx.TensorProto) -> np.ndarray:
+    """The values of the reference ``ref`` (of ``src``), whose tensor's name, dtype and dims ``t`` holds."""
+    if ref.computed is not None:
+        arr = ref.computed()
+        return arr if ref.computed.fresh else arr.copy()
+    raw = src.data(ref)
+    plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
     if plain is not None:
-        return np.frombuffer(raw, dtype=plain).reshape(t.dims)
+        return np.frombuffer(raw, dtype=plain).reshape(t.dims)  # over the bytes read: no second copy
     full = onnx.TensorProto()
     full.CopyFrom(t)
-    _fill(full, raw)
+    _fill(full, bytes(raw))
     return numpy_helper.to_array(full)
+
+
+BLOCK_BYTES = 1 << 20  #: a computed weight is read, computed and written in blocks of about this size
+
+
+class Loader:
+    """Reads a reference's values as they are now (what :func:`tensor_array` gives), from its source, even after
+    the tensor itself is rewritten (a folded weight written in place of the weight it is computed from);
+    :meth:`rows` reads a block of rows of axis 0 alone."""
+
+    def __init__(self, src: Source, ref: Ref, t: onnx.TensorProto):
+        self.src, self.ref = src, ref
+        self.head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+    def __call__(self) -> np.ndarray:
+        return _read_ref(self.src, self.ref, self.head)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """``values[start:stop]`` (axis 0); read alone from the file for plain dtypes."""
+        dims = list(self.head.dims)
+        plain = _PLAIN.get(self.head.data_type) if sys.byteorder == "little" else None
+        if plain is None or self.ref.computed is not None or not dims:
+            return self()[start:stop]
+        stop = min(stop, dims[0])
+        row = int(np.prod(dims[1:], dtype=np.int64)) * plain.itemsize
+        raw = self.src.data(self.ref, start * row, max(0, stop - start) * row)
+        return np.frombuffer(raw, dtype=plain).reshape([max(0, stop - start)] + dims[1:])
+
+
+def tensor_loader(t: onnx.TensorProto) -> Loader | None:
+    """A :class:`Loader` of the reference ``t``; None for a tensor whose data is in the message."""
+    found = _ref_of(t)
+    return None if found is None else Loader(*found, t)
 
 
 def tensor_size(t: onnx.TensorProto) -> int:
@@ -291,7 +387,7 @@ def tensor_size(t: onnx.TensorProto) -> int:
         return ref.record[1]
     entries = sum(1 + len(_encode_varint(e.ByteSize())) + e.ByteSize() for e in t.external_data)
     n = ref.data[1]  # loaded whole: raw data instead of the entries (data_location kept, set to DEFAULT,
-    location = 2 if ref.array is not None else 0  # but for a computed tensor, which has none)
+    location = 2 if ref.computed is not None else 0  # but for a computed tensor, which has none)
     return t.ByteSize() - entries - location + 1 + len(_encode_varint(n)) + n
 
 
@@ -324,14 +420,21 @@ def _deferred() -> list[Source]:
     if stack is None:
         stack = _LOCAL.stack = []
     return stack
+
+
+def deferring() -> bool:
+    """Whether :func:`new_tensor` gives references now (inside :func:`deferred_tensors`)."""
+    return bool(_deferred())
+
+
 _SIMPLE = {np.dtype(d) for d in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16,
                                  np.int32, np.int64, np.uint32, np.uint64, np.bool_)}
 
 
 @contextlib.contextmanager
 def deferred_tensors() -> Iterator[None]:
-    """While active, :func:`new_tensor` gives large tensors as references to their arrays, so that a fold's new
-    weights are held once (as arrays) and encoded one at a time when written, never as a whole model."""
+    """While active, :func:`new_tensor` gives large tensors as references to their recipes (or arrays), so that
+    a fold's new weights are computed and encoded one at a time when written, never held as a whole model."""
     src = Source(Path("<computed>"), onnx.ModelProto(), external=False)
     _SOURCES[src.token] = src
     _deferred().append(src)
@@ -342,20 +445,28 @@ def deferred_tensors() -> Iterator[None]:
         src.close()
 
 
-def new_tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
-    """``numpy_helper.from_array(arr, name)``, or (inside :func:`deferred_tensors`, for large arrays of plain
-    dtypes, written the same way by from_array) a reference to ``arr`` that is written as that tensor."""
-    arr = np.ascontiguousarray(arr)
+def new_tensor(value: np.ndarray | Computed, name: str) -> onnx.TensorProto:
+    """``numpy_helper.from_array(value, name)`` (a :class:`Computed` evaluated first), or, inside
+    :func:`deferred_tensors`, for large tensors of plain dtypes (written the same way by from_array), a
+    reference to ``value`` that is written as that tensor: a recipe is evaluated when the tensor is written or
+    read, and not held."""
+    if isinstance(value, Computed):
+        comp, dtype, nbytes = value, value.dtype, value.nbytes
+    else:
+        value = np.ascontiguousarray(value)
+        comp, dtype, nbytes = None, value.dtype, value.nbytes
     stack = _deferred()
-    if not stack or arr.nbytes < SKELETON_BYTES or arr.dtype not in _SIMPLE or sys.byteorder != "little":
-        return numpy_helper.from_array(arr, name)
+    if not stack or nbytes < SKELETON_BYTES or dtype not in _SIMPLE or sys.byteorder != "little":
+        return numpy_helper.from_array(value() if comp is not None else value, name)
+    if comp is None:
+        comp = Computed.held(value)
     src = stack[-1]
     t = onnx.TensorProto()
-    t.dims.extend(arr.shape)
+    t.dims.extend(comp.shape)
     if name:
         t.name = name
-    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
-    src.reference(t, Ref(-1, (0, arr.nbytes), None, arr))
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(comp.dtype)
+    src.reference(t, Ref(-1, (0, nbytes), None, comp))
     return t
 
 
@@ -671,7 +782,8 @@ def _copy_range(src_fd: int, mm, dst_fd: int, offset: int, n: int) -> None:
 
 def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
     """Write ``model`` (a skeleton whose references all point into one source model file) to ``dst``, a new
-    file: what ``onnx.save_model`` writes for the full model."""
+    file: what ``onnx.save_model`` writes for the full model. Computed tensors are evaluated one at a time, as
+    they are written."""
     body = model.SerializeToString()
     chunks = _splice(body)
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -681,6 +793,9 @@ def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
                 src, off, n = c
                 sfd, mm = src.files[0]
                 _copy_range(sfd, mm, fd, off, n)
+            elif isinstance(c, Computed):
+                for block in c.pieces():  # evaluated here, block by block, dropped after
+                    _write_all(fd, _bytes_of(block))
             else:
                 _write_all(fd, c)
     finally:
@@ -690,7 +805,7 @@ def write_embedded(model: onnx.ModelProto, dst: str | os.PathLike) -> None:
 def _splice(body: bytes) -> list:
     """The chunks of the full model: ``body``'s records, each reference among the initializers (subgraphs
     included) replaced by its record: ``(source, offset, length)`` in the source file, or the tensor the fold
-    computed, encoded around its array."""
+    computed, encoded around its :class:`Computed` (raw data evaluated by the writer)."""
     view = memoryview(body)
 
     def message(kind: str, start: int, end: int) -> tuple[list, int]:
@@ -706,9 +821,9 @@ def _splice(body: bytes) -> list:
                 if found is None:
                     continue
                 src, ref = found
-                if ref.array is not None:
-                    inner = _computed_record(body, vs, ve, _bytes_of(ref.array))
-                    n = sum(len(c) for c in inner)
+                if ref.computed is not None:
+                    inner = _computed_record(body, vs, ve, ref.computed)
+                    n = sum(len(c) for c in inner[:2] + inner[3:]) + ref.computed.nbytes
                 elif ref.record is not None:
                     inner, n = [(src, ref.record[0], ref.record[1])], ref.record[1]
                 else:
@@ -733,15 +848,16 @@ def _splice(body: bytes) -> list:
     return message("model", 0, len(body))[0]
 
 
-def _computed_record(body: bytes, start: int, end: int, raw: memoryview) -> list:
+def _computed_record(body: bytes, start: int, end: int, computed: Computed) -> list:
     """The record of a computed tensor from its reference's record: the reference's fields (external_data,
-    data_location) dropped, raw_data put in its place among the fields (by field number, as protobuf does)."""
+    data_location) dropped, raw_data put in its place among the fields (by field number, as protobuf does):
+    ``[fields before, raw data's key and length, computed, fields after]``."""
     before, after = [], []
     for fno, _wt, rec, _vs, ve in _records(body, start, end):
         if fno in (_T_EXTERNAL, _T_LOCATION):
             continue
         (before if fno < _T_RAW else after).append(body[rec:ve])
-    return [b"".join(before), _key(_T_RAW, 2) + _encode_varint(len(raw)), raw, b"".join(after)]
+    return [b"".join(before), _key(_T_RAW, 2) + _encode_varint(computed.nbytes), computed, b"".join(after)]
 
 
 def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: str | os.PathLike) -> bool:
@@ -757,7 +873,7 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
             found = _ref_of(t)
             if found is not None and found[1].data[1] < EXTERNAL_MIN:  # small: inline, as onnx leaves it
                 src, ref = found
-                _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.array is None)
+                _fill(t, bytes(src.data(ref)), from_data_file=ref.record is None and ref.computed is None)
                 continue
             if found is None and not (t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN):
                 continue
@@ -765,8 +881,9 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
                 fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             if found is not None:
                 src, ref = found
-                if ref.array is not None:
-                    _write_all(fd, _bytes_of(ref.array))
+                if ref.computed is not None:
+                    for block in ref.computed.pieces():  # evaluated here, block by block, dropped after
+                        _write_all(fd, _bytes_of(block))
                 else:
                     sfd, mm = src.files[ref.file]
                     _copy_range(sfd, mm, fd, ref.data[0], ref.data[1])

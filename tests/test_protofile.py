@@ -24,6 +24,7 @@ from bnfold.errors import BnfoldError
 from bnfold.fold import fold_onnx_file, inspect_onnx_file
 from bnfold.onnx_fold import FoldOptions, fold_model
 from bnfold.onnx_io import load_model, save_model
+from bnfold.rules.base import Param
 
 from .helpers import G, random_feeds, run_ort
 
@@ -174,6 +175,224 @@ def test_external_data_output_is_identical_in_content(tmp_path, name):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+# ------------------------------------------------------------------------------------------------ computed tensors
+def wide_chain(dtype=np.float32, n=3, c=96):
+    """Conv+BN pairs whose weights (c*c*9 values, over 64 KiB) are read from the file when the fold needs them,
+    and rewritten in place."""
+    g = G(dtype=dtype)
+    y = g.input("x", [1, c, 8, 8])
+    for i in range(n):
+        y = g.bn(g.conv(y, c, c, bias=i == 1), c)
+    return g.model([y])
+
+
+def _save(m: onnx.ModelProto, folder: Path, external: bool) -> Path:
+    folder.mkdir()
+    path = folder / "m.onnx"
+    if external:
+        on_disk = onnx.ModelProto()
+        on_disk.CopyFrom(m)
+        onnx.save_model(on_disk, path, save_as_external_data=True, location="weights.bin", size_threshold=512)
+    else:
+        onnx.save(m, path)
+    return path
+
+
+def _parts(p: Path) -> tuple[bytes, bytes | None]:
+    """A written model file with its data file's fresh, random name replaced by DATA; and the data file's bytes."""
+    model = onnx.load(str(p), load_external_data=False)
+    names = set()
+    for t in protofile.iter_model_tensors(model):
+        for e in t.external_data:
+            if e.key == "location":
+                names.add(e.value)
+                e.value = "DATA"
+    data = [f for f in os.listdir(p.parent) if f.startswith(p.name + ".") and f.endswith(".data")]
+    assert len(names) == len(data) <= 1 and all(DATA_RE.search(n) for n in names)
+    return model.SerializeToString(), (p.parent / data[0]).read_bytes() if data else None
+
+
+class _Evaluations:
+    """Counts the recipes evaluated (:class:`protofile.Computed`, whole or in blocks) and, at each array or
+    block computed, how many that earlier ones returned are still alive."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        self.count, self.blocks, self.most_alive, self._returned = 0, 0, 0, []
+        real_call, real_pieces = protofile.Computed.__call__, protofile.Computed.pieces
+
+        def seen(arr):
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in self._returned))
+            self._returned.append(weakref.ref(arr))
+
+        def call(comp):
+            arr = real_call(comp)
+            if comp.fresh:
+                self.count += 1
+                seen(arr)
+            return arr
+
+        def pieces(comp):
+            if comp.blocks is not None:
+                self.count += 1
+            for b in real_pieces(comp):
+                if comp.blocks is not None:
+                    self.blocks += 1
+                    seen(b)
+                yield b
+        monkeypatch.setattr(protofile.Computed, "__call__", call)
+        monkeypatch.setattr(protofile.Computed, "pieces", pieces)
+
+
+@pytest.mark.parametrize("block", [1 << 20, 4096], ids=["whole", "blocks"])
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])
+def test_fp16_weights_are_computed_when_written_with_the_same_bytes(tmp_path, monkeypatch, external, block):
+    """An fp16 model, embedded or with external data: every folded weight is a recipe evaluated by the writer
+    (one at a time; in blocks of rows when they are larger than a block), and the output is the one that
+    folding the whole loaded model gives (byte for byte; with external data the same model file but for the
+    data file's fresh name, and the same data file)."""
+    m = wide_chain(np.float16)
+    src = _save(m, tmp_path / "src", external)
+    with load_model(src, skeleton=True) as loaded:
+        assert loaded.source is not None and loaded.source.refs
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", block)
+    seen = _Evaluations(monkeypatch)
+    new = tmp_path / "new.onnx"
+    report = fold_onnx_file(src, new)
+    # 96 rows of 96*9 fp16 values (1,728 bytes): one block of 1 MiB, or 48 blocks of 2 rows (4,096 bytes)
+    assert report.folded == 3 and seen.count == 3 and seen.blocks == 3 * (1 if block > 1e5 else 48)
+    assert seen.most_alive <= 1  # the block being written while the next is computed
+    monkeypatch.undo()
+    old = legacy_fold(src, tmp_path)
+    if external:
+        assert _parts(new) == _parts(old) and _parts(new)[1] is not None
+    else:
+        assert sha(new) == sha(old)
+    onnx.checker.check_model(str(new), full_check=True)
+    # numbers: each weight is the float64 product rounded once to fp16 (numpy's direct, correctly rounded cast)
+    out = onnx.load(str(new))
+    assert [n.op_type for n in out.graph.node] == ["Conv"] * 3
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    folded = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for conv, bn in zip(m.graph.node[0::2], m.graph.node[1::2]):
+        gamma, _, _, var = (inits[i].astype(np.float64) for i in bn.input[1:])
+        scale = gamma / np.sqrt(var + 1e-5)
+        want = (inits[conv.input[1]].astype(np.float64) * scale[:, None, None, None]).astype(np.float16)
+        np.testing.assert_array_equal(folded[conv.input[1]], want)
+
+
+@pytest.mark.parametrize("factor_shape", [(32, 1, 1, 1), (1, 24, 1, 1), (24, 1, 1), (), (32, 24, 1, 1)],
+                         ids=["rows", "columns", "trailing", "scalar", "grouped"])
+@pytest.mark.parametrize("stored", [False, True], ids=["loader", "stored"])
+def test_a_weight_computed_in_blocks_is_the_weight_computed_whole(tmp_path, monkeypatch, factor_shape, stored):
+    """The blocks of rows of a folded weight (factor per output channel, per input channel, scalar, or one
+    per element of the first two axes as for a grouped ConvTranspose) are, end to end, the whole weight's
+    bytes; the loader reads only each block's rows from the file."""
+    g = G()
+    w = g.rand(32, 24, 3, 3)
+    m = g.model([g.node("Conv", [g.input("x", [1, 24, 5, 5]), g.const(w, "w")])])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", 5 * 24 * 9 * 4)  # 5 rows: blocks of 5, the last of 2
+    factor = np.random.default_rng(0).uniform(-3, 3, factor_shape)
+    with load_model(src, skeleton=True) as loaded:
+        t = loaded.model.graph.initializer[0]
+        loader = protofile.tensor_loader(t)
+        assert loader is not None and loader.rows(30, 40).shape == (2, 24, 3, 3)
+        p = Param(np.dtype(np.float32), stored=w if stored else None, factor=factor, loader=loader,
+                  stored_shape=w.shape, detached=True)
+        comp = p.recipe("w")
+        pieces = list(comp.pieces())
+        assert [len(b) for b in pieces] == [5] * 6 + [2]
+        assert b"".join(b.tobytes() for b in pieces) == comp().tobytes() == (w * factor).astype(np.float32).tobytes()
+        reads = []
+        monkeypatch.setattr(loaded.source, "data", lambda ref, start=0, n=None: reads.append(n) or
+                            protofile.Source.data(loaded.source, ref, start, n))
+        list(comp.pieces())
+        assert reads == ([] if stored else [5 * 24 * 9 * 4] * 6 + [2 * 24 * 9 * 4])
+
+
+@pytest.mark.parametrize("factor,overflows", [(2.0, False), (3.0, True)])
+def test_the_cast_check_reads_a_weight_block_by_block(tmp_path, monkeypatch, factor, overflows):
+    """While planning, a weight scaled up is checked against its dtype's range block by block (each block's
+    rows read alone): 30000 in the last block, times 3, overflows fp16; times 2 fits."""
+    from bnfold.rules.base import Skip
+
+    w = np.random.default_rng(0).uniform(-1, 1, (32, 24, 3, 3)).astype(np.float16)
+    w[31, 0, 0, 0] = 30000
+    g = G(dtype=np.float16)
+    m = g.model([g.node("Conv", [g.input("x", [1, 24, 5, 5]), g.const(w, "w")])])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    monkeypatch.setattr(protofile, "BLOCK_BYTES", 5 * 24 * 9 * 2)
+    with load_model(src, skeleton=True) as loaded:
+        reads = []
+        real = loaded.source.data
+        monkeypatch.setattr(loaded.source, "data", lambda ref, start=0, n=None: reads.append(n) or real(ref, start, n))
+        p = Param(np.dtype(np.float16), factor=np.full((32, 1, 1, 1), factor), stored_shape=w.shape, detached=True,
+                  loader=protofile.tensor_loader(loaded.model.graph.initializer[0]))
+        if overflows:
+            with pytest.raises(Skip, match="overflows float16"):
+                p.check_cast("w")
+            assert reads[:7] == [5 * 24 * 9 * 2] * 6 + [2 * 24 * 9 * 2]  # then the exact check reads it whole
+        else:
+            p.check_cast("w")
+            assert reads == [5 * 24 * 9 * 2] * 6 + [2 * 24 * 9 * 2]
+
+
+def test_computed_tensors_are_read_again_from_their_recipes(tmp_path, monkeypatch):
+    """A folded weight written in place of the weight it is computed from is read (verify, tensor_array) as
+    the folded value, each time afresh, from the source file; and written once per write."""
+    m = wide_chain()
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    seen = _Evaluations(monkeypatch)
+    report = fold_onnx_file(src, tmp_path / "out.onnx", verify=True)  # ORT runs both: recipes evaluated
+    assert report.folded == 3 and seen.count == 6 and seen.most_alive <= 3  # (3 for verify's copy, 3 written)
+    written = {t.name: t for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    with load_model(src, skeleton=True) as loaded, protofile.deferred_tensors():
+        folded, _ = fold_model(loaded.model, inplace=True)
+        weights = [t for t in folded.graph.initializer if t.name in {n.input[1] for n in folded.graph.node}]
+        assert len(weights) == 3 and all(protofile.is_reference(t) for t in weights)
+        before = seen.count
+        for t in weights:
+            a, b = protofile.tensor_array(t), protofile.tensor_array(t)
+            assert a is not b and not np.shares_memory(a, b)
+            np.testing.assert_array_equal(a, numpy_helper.to_array(written[t.name]))
+            assert protofile.tensor_size(t) == written[t.name].ByteSize()
+        assert seen.count == before + 6
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_peak_memory_of_a_fold_that_rewrites_every_weight(tmp_path):
+    """VmHWM of a fresh interpreter (exec'd): a fold that rewrites every weight (38 MB of them, as in
+    ResNet-50) holds one computed weight at a time, not all of them (the old code held them all: 48 MB)."""
+    g = G()
+    y = g.input("x", [1, 256, 4, 4])
+    for _ in range(16):
+        y = g.bn(g.conv(y, 256, 256, k=3, bias=False), 256)
+    m = g.model([y])
+    folded = sum(t.ByteSize() for t in m.graph.initializer if len(t.dims) == 4)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    code = textwrap.dedent(f"""
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        import onnx, numpy, bnfold.fold
+        base = hwm()
+        bnfold.fold.fold_onnx_file({str(src)!r}, {str(tmp_path / 'new.onnx')!r})
+        print(hwm() - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    used = int(out.stdout.split()[-1])
+    # one weight read and one computed (2.4 MB each), the checker's and shape inference's own memory: ~12 MB
+    assert used < 0.5 * folded, (used, folded)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "new.onnx")).graph.node] == ["Conv"] * 16
+
+
 def test_reading_on_demand_matches_onnx(tmp_path):
     m = decorated()
     src = tmp_path / "m.onnx"
@@ -221,10 +440,26 @@ def test_closed_source_is_an_error_not_garbage(tmp_path):
         protofile.tensor_array(t)
 
 
+def test_a_recipe_read_after_its_source_closed_is_an_error_not_garbage(tmp_path):
+    """A folded weight's recipe reads the source file when evaluated: once the source is closed (its file
+    descriptor may then be another file's), evaluating it is an error."""
+    src = tmp_path / "m.onnx"
+    onnx.save(wide_chain(n=1), src)
+    with protofile.deferred_tensors():
+        loaded = load_model(src, skeleton=True)
+        folded, _ = fold_model(loaded.model, inplace=True)
+        w = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+        assert protofile.is_reference(w) and protofile.tensor_array(w).shape == (96, 96, 3, 3)
+        loaded.close()
+        with open(src, "rb"):  # likely reuses the closed descriptor's number
+            with pytest.raises(RuntimeError, match="closed"):
+                protofile.tensor_array(w)
+
+
 def test_peak_memory_is_below_the_file_size(tmp_path):
     """VmHWM of a fresh interpreter (exec'd, so no inherited peak): folding a 42 MB model costs less than the file
     on top of the imports: untouched tensors are copied by the kernel, never read into the process; the
-    rewritten ones (half of them here) are held once, as arrays, and encoded one at a time."""
+    rewritten ones (half of them here) are computed and encoded one at a time, when written."""
     g = G()
     y = g.input("x", [1, 256, 4, 4])
     for i in range(18):

@@ -8,6 +8,7 @@ reason code (see :data:`bnfold.report.REASONS`) and a message. Nothing is writte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,8 @@ class Skip(Exception):
 @dataclass
 class Param:
     """A layer parameter as the plan will write it: ``base * factor`` (a stored weight times a small broadcastable
-    float64 factor, so a weight is never copied to float64 and is rounded once) or a float64 ``value``."""
+    float64 factor, so a weight is never copied to float64 and is rounded once) or a float64 ``value``.
+    :meth:`recipe` is what :func:`bnfold.planner.apply` writes: the value is computed when the file is written."""
 
     dtype: np.dtype
     stored: np.ndarray | None = None
@@ -43,6 +45,8 @@ class Param:
     #: reads a stored initializer's values when needed (the plan does not hold every weight in memory)
     loader: object = None
     stored_shape: tuple | None = None
+    #: the loader reads the source file, not the TensorProto (which the fold may rewrite before it is written)
+    detached: bool = False
 
     @property
     def base(self) -> np.ndarray:
@@ -63,12 +67,55 @@ class Param:
         if self.value is not None:
             return Param(self.dtype, value=self.value * factor)
         return Param(self.dtype, stored=self.stored, factor=self.factor * factor, loader=self.loader,
-                     stored_shape=self.stored_shape)
+                     stored_shape=self.stored_shape, detached=self.detached)
 
     def materialize(self, what: str) -> np.ndarray:
         if self.value is not None:
             return formula.cast_checked(self.value, self.dtype, what=what)
         return formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+
+    def recipe(self, what: str) -> protofile.Computed | np.ndarray:
+        """The value to write: a recipe for :meth:`materialize` (evaluated when written, one tensor at a time),
+        or the array itself when the value depends on a TensorProto that applying the plan may rewrite (a
+        weight loaded whole, not a reference into the source file). :meth:`check_cast` ran while planning, so
+        evaluating it cannot overflow."""
+        if self.value is not None:
+            size, shape = self.value.size, self.value.shape
+        elif self.stored is not None or self.detached:
+            size = self.stored.size if self.stored is not None else math.prod(self.stored_shape)
+            shape = None
+        else:
+            return self.materialize(what)
+        if size * self.dtype.itemsize < protofile.SKELETON_BYTES:
+            return self.materialize(what)  # small: no recipe to keep
+        blocks = None
+        if shape is None:
+            shape = np.broadcast_shapes(self.shape, np.shape(self.factor))
+            if shape == tuple(self.shape) and len(shape) >= 1:
+                blocks = lambda: self._blocks(what)  # noqa: E731
+        return protofile.Computed(lambda: self.materialize(what), np.dtype(self.dtype), tuple(shape),
+                                  blocks=blocks)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """``base[start:stop]``, read alone when the loader can."""
+        if self.stored is not None:
+            return self.stored[start:stop]
+        rows = getattr(self.loader, "rows", None)
+        return rows(start, stop) if rows is not None else self.loader()[start:stop]
+
+    def _row_blocks(self) -> list[tuple[int, int]]:
+        """Blocks of rows (axis 0) of about :data:`bnfold.protofile.BLOCK_BYTES` of the stored weight."""
+        n = self.shape[0]
+        row = max(1, math.prod(self.shape[1:]) * self.dtype.itemsize)
+        step = max(1, protofile.BLOCK_BYTES // row)
+        return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+    def _blocks(self, what: str):
+        """:meth:`materialize`, block of rows by block (the factor broadcast against the weight's shape)."""
+        f = np.asarray(self.factor, np.float64)
+        per_row = f.ndim == len(self.shape) and f.shape[0] != 1
+        for i, j in self._row_blocks():
+            yield formula.scale_cast(self._rows(i, j), f[i:j] if per_row else f, self.dtype, what=what)
 
     def check_cast(self, what: str) -> None:
         """Raise :class:`Skip` ``cast_overflow`` when the value would not fit the dtype (checked before planning
@@ -81,12 +128,21 @@ class Param:
             fmax = float(np.max(np.abs(self.factor), initial=0.0))
             if fmax <= 1.0:
                 return  # |base * factor| <= |base|, which fits: the stored weight has the model's dtype
-            base = self.base
-            if base.size:
-                wmax = max(abs(float(np.max(base))), abs(float(np.min(base))))  # no temporary copy
-                if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
-                    return
-            formula.scale_cast(base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+            wmax = 0.0
+            if self.stored is not None or not hasattr(self.loader, "rows") or not self.stored_shape:
+                blocks = [self.base]  # in memory already (or not readable by rows)
+            else:  # block by block: the weight is never read whole here
+                blocks = (self._rows(i, j) for i, j in self._row_blocks())
+            for rows in blocks:
+                if rows.size:
+                    hi, lo = float(np.max(rows)), float(np.min(rows))
+                    if not (np.isfinite(hi) and np.isfinite(lo)):
+                        wmax = np.inf  # NaN or inf: the exact check below decides
+                        break
+                    wmax = max(wmax, abs(hi), abs(lo))
+            if np.isfinite(wmax * fmax) and wmax * fmax < limit * 0.99:
+                return
+            formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
         except formula.CastOverflow as exc:
             raise Skip("cast_overflow", str(exc)) from None
 
@@ -183,7 +239,9 @@ class Context:
             # a large stored weight: read when applied, not held by the plan
             dtype = self.mg.np_dtype(b)
             if dtype is not None and is_float_dtype(dtype):
-                return Param(np.dtype(dtype), loader=lambda t=init: self.mg.read(t), stored_shape=tuple(init.dims))
+                loader = protofile.tensor_loader(init)  # a reference: read from the source, as it is now
+                return Param(np.dtype(dtype), loader=loader or (lambda t=init: self.mg.read(t)),
+                             stored_shape=tuple(init.dims), detached=loader is not None)
         v = self.mg.const(b)
         if isinstance(v, NotConst):
             raise not_const_skip(v, f"the {what} of {self.mg.label(key)}", weight=True)
