@@ -51,10 +51,11 @@ class NodeKey(NamedTuple):
     index: int
 
 
-@dataclass(frozen=True)
-class Use:
+class Use(NamedTuple):
     """One read of a tensor: by input ``slot`` of node ``node`` (which lives in graph ``graph``, possibly a
-    subgraph of the tensor's graph), or as output number ``slot`` of graph ``graph`` when ``node`` is None."""
+    subgraph of the tensor's graph), or as output number ``slot`` of graph ``graph`` when ``node`` is None.
+    (A named tuple: the facade makes one per node input, and a tuple is several times cheaper to build than a
+    frozen dataclass.)"""
 
     graph: int
     node: int | None
@@ -170,19 +171,39 @@ class ModelGraph:
                 self._walk(sub, g.index, NodeKey(g.index, i), sub.name)
 
     def _resolve_uses(self) -> None:
+        uses = self.uses
         for g in self.graphs:
+            resolve = self._resolver(g.index)
             for i, n in enumerate(g.nodes):
                 dtype_only_slot = 1 if n.op_type == "CastLike" and is_default_domain(n) else -1
                 for k, name in enumerate(n.input):
                     if not name:
                         continue
-                    b = self.resolve(g.index, name)
+                    b = resolve(name)
                     if b is not None:
-                        self.uses.setdefault(b, []).append(Use(g.index, i, k, k == dtype_only_slot))
+                        u = Use(g.index, i, k, k == dtype_only_slot)
+                        found = uses.get(b)
+                        if found is None:
+                            uses[b] = [u]
+                        else:
+                            found.append(u)
             for k, name in enumerate(g.outputs):
-                b = self.resolve(g.index, name)
+                b = resolve(name)
                 if b is not None:
-                    self.uses.setdefault(b, []).append(Use(g.index, None, k))
+                    uses.setdefault(b, []).append(Use(g.index, None, k))
+
+    def _resolver(self, graph: int):
+        """:meth:`resolve` for one graph (a main graph's lookup without the scope walk)."""
+        scope = self.graphs[graph]
+        if scope.parent is not None:
+            return lambda name: self.resolve(graph, name)
+        producer, inits, inputs = scope.producer, scope.inits, scope.inputs
+
+        def resolve_main(name: str) -> Binding | None:
+            if name in producer or name in inits or name in inputs:
+                return Binding(graph, name)
+            return None
+        return resolve_main
 
     @property
     def size_bound(self) -> int:
@@ -201,13 +222,13 @@ class ModelGraph:
     # ------------------------------------------------------------------ lookups
     def resolve(self, graph: int, name: str) -> Binding | None:
         """The binding a read of ``name`` in graph ``graph`` sees (innermost scope first); None if unbound."""
-        g: int | None = graph
-        while g is not None:
-            scope = self.graphs[g]
-            if scope.binds(name):
-                return Binding(g, name)
-            g = scope.parent
-        return None
+        scope = self.graphs[graph]
+        while True:
+            if name in scope.producer or name in scope.inits or name in scope.inputs:  # scope.binds, inlined
+                return Binding(scope.index, name)
+            if scope.parent is None:
+                return None
+            scope = self.graphs[scope.parent]
 
     def node(self, key: NodeKey) -> onnx.NodeProto:
         return self.graphs[key.graph].nodes[key.index]

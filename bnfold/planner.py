@@ -274,7 +274,8 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
     pkey, pslot = p
     pnode = mg.node(pkey)
     special = pnode.op_type in ("Concat", "Reshape", "Transpose") and is_default_domain(pnode)
-    if not special and layers.module_for(ctx, pkey) is None:
+    mod = None if special else layers.module_for(ctx, pkey)
+    if not special and mod is None:
         raise Skip("no_foldable_neighbour", f"producer {pnode.op_type} cannot absorb it", applicable=False)
     if len(mg.real_uses(x)) != 1:
         raise Skip("producer_output_shared", f"the output of {mg.label(pkey)} is also used elsewhere (or is a graph "
@@ -284,8 +285,8 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
     if pnode.op_type in reshape_backward.OPS:
         return reshape_backward.match(ctx, pkey, site, x, y, affine, out_slot=pslot)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
-    absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
-    rule = layers.module_for(ctx, pkey).__name__.rsplit(".", 1)[-1]
+    absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank, mod=mod)
+    rule = mod.__name__.rsplit(".", 1)[-1]
     return Match(rule, "backward", into, pkey if pnode.op_type != "Add" else absorbs[0].node,
                  absorbs=absorbs, remove=[site], set_output=[(pkey, pslot, y.name)], redirect_dtype=(x, y.name),
                  produced=(y, (pkey, pslot)))
