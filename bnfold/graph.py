@@ -147,28 +147,36 @@ class ModelGraph:
         g = GraphScope(len(self.graphs), proto, parent, owner, name)
         self.graphs.append(g)
         g.nodes = list(proto.node)
+        names = self.names
         for t in proto.initializer:
-            g.inits[t.name] = t
-            self.names.add(t.name)
+            name = t.name
+            g.inits[name] = t
+            names.add(name)
         for vi in proto.input:
-            g.inputs[vi.name] = vi
-            g.types[vi.name] = vi.type
-            self.names.add(vi.name)
+            name = vi.name
+            g.inputs[name] = vi
+            g.types[name] = vi.type
+            names.add(name)
         for vi in proto.value_info:
             g.types.setdefault(vi.name, vi.type)
         for vi in proto.output:
             g.types.setdefault(vi.name, vi.type)
         g.outputs = [vi.name for vi in proto.output]
+        producer = g.producer
         for i, n in enumerate(g.nodes):
-            if n.name:
-                self.names.add(n.name)
+            name = n.name
+            if name:
+                names.add(name)
             for k, o in enumerate(n.output):
                 if o:
-                    g.producer[o] = (i, k)
-                    self.names.add(o)
-        for i, n in enumerate(g.nodes):
-            for sub in _subgraphs(n):
-                self._walk(sub, g.index, NodeKey(g.index, i), sub.name)
+                    producer[o] = (i, k)
+                    names.add(o)
+            for a in n.attribute:  # its subgraphs (_subgraphs), numbered in node order, depth first
+                if a.type == onnx.AttributeProto.GRAPH:
+                    self._walk(a.g, g.index, NodeKey(g.index, i), a.g.name)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        self._walk(sub, g.index, NodeKey(g.index, i), sub.name)
 
     def _resolve_uses(self) -> None:
         uses = self.uses
