@@ -457,14 +457,25 @@ def interleaved_commands(cmds: dict[str, list[str]], work: Path, reps: int, befo
     return out
 
 
-def command_runs(src: Path, work: Path, reps: int) -> dict:
-    """``bnfold fold`` against the load+save floor, both as commands in fresh processes."""
-    outs = {"floor": work / "cmd_floor.onnx", "bnfold": work / "cmd_bnfold.onnx"}
+def command_runs(src: Path, work: Path, reps: int, *, table: bool = False) -> dict:
+    """``bnfold fold`` against the load+save floor, both as commands in fresh processes. With ``table``, also
+    ``bnfold fold`` without ``-q`` (``bnfold_table``: as a person runs it, its table printed, to a pipe)."""
+    outs = {"floor": work / "cmd_floor.onnx", "bnfold": work / "cmd_bnfold.onnx",
+            "bnfold_table": work / "cmd_bnfold_table.onnx"}
     cmds = {"floor": ["--code", FLOOR_CODE, str(src), str(outs["floor"])],
             "bnfold": ["fold", str(src), "-o", str(outs["bnfold"]), "-q"]}
+    if table:
+        cmds["bnfold_table"] = ["fold", str(src), "-o", str(outs["bnfold_table"])]
     res = interleaved_commands(cmds, work, reps, before=lambda k: _unlink(outs[k]))
-    fl, bf = res["floor"].get("median_s"), res["bnfold"].get("median_s")
-    res["ratio_median"] = bf / fl if fl and bf else None
+    fl = res["floor"].get("median_s")
+    for k in cmds:
+        if k != "floor":
+            bf = res[k].get("median_s")
+            res[k]["ratio_median"] = bf / fl if fl and bf else None
+            # the ratio of each round's own pair: the floor and the command ran back to back
+            pairs = [b / f for f, b in zip(res["floor"].get("times_s", []), res[k].get("times_s", [])) if f]
+            res[k]["ratio_per_round_median"] = _median(pairs) if pairs else None
+    res["ratio_median"] = res["bnfold"].get("ratio_median")
     return res
 
 
@@ -655,7 +666,7 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, comm
                                        "error": timing[k].get("error"), "bn_left": bn_left[k]} for k in keys}
         if command_reps:
             log(f"chain of {n} as commands")
-            out["per_size"][str(n)]["commands"] = command_runs(src, work, command_reps)
+            out["per_size"][str(n)]["commands"] = command_runs(src, work, command_reps, table=True)
     for k in keys:
         ratios = []
         for a, b in zip(sizes, sizes[1:]):
@@ -665,7 +676,7 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, comm
                 ratios.append(tb / ta)
         out.setdefault("doubling_ratio", {})[k] = ratios
     if command_reps:
-        for k in ("floor", "bnfold"):
+        for k in ("floor", "bnfold", "bnfold_table"):
             ratios = []
             for a, b in zip(sizes, sizes[1:]):
                 ta = out["per_size"][str(a)]["commands"][k].get("median_s")
@@ -695,12 +706,18 @@ def chain_markdown(ch: dict) -> list[str]:
         f"{METHODS[k].label}: {', '.join(f'{x:.2f}x' for x in v) or 'n/a'}" for k, v in ch["doubling_ratio"].items())]
     if ch.get("command_doubling_ratio"):
         lines += ["", f"As commands (fresh processes, interleaved, medians; target: 3,000 pairs <= {CHAIN_COMMAND_TARGET_S:g} s"
-                  " for `bnfold fold`):", "", "| N pairs | load+save floor s | bnfold fold s | own peak MB |",
-                  "|---:|---:|---:|---:|"]
+                  " for `bnfold fold`; `-q`: no table; ratios: each round's command over the same round's floor, "
+                  "median):", "",
+                  "| N pairs | load+save floor s | bnfold fold -q s (x floor) | bnfold fold s, table printed (x floor) "
+                  "| own peak MB |", "|---:|---:|---:|---:|---:|"]
+
+        def cell(c: dict) -> str:
+            r = c.get("ratio_per_round_median")
+            return f"{_fmt_s(c.get('median_s'))}" + (f" ({r:.2f}x)" if r else "")
         for n, row in ch["per_size"].items():
             c = row.get("commands", {})
-            lines.append(f"| {n} | {_fmt_s(c.get('floor', {}).get('median_s'))} | "
-                         f"{_fmt_s(c.get('bnfold', {}).get('median_s'))} | {_kb_mb(c.get('bnfold', {}).get('hwm_kb'))} |")
+            lines.append(f"| {n} | {_fmt_s(c.get('floor', {}).get('median_s'))} | {cell(c.get('bnfold', {}))} | "
+                         f"{cell(c.get('bnfold_table', {}))} | {_kb_mb(c.get('bnfold', {}).get('hwm_kb'))} |")
         lines += ["", "Per doubling, as commands: " + "; ".join(
             f"{k}: {', '.join(f'{x:.2f}x' for x in v) or 'n/a'}" for k, v in ch["command_doubling_ratio"].items())]
     return lines
@@ -1179,6 +1196,30 @@ def memory_summary(model: dict, child: dict[str, dict]) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def chain_only(args) -> int:
+    """``--chain-only``: the node-count study alone, in process and as commands (``fold_speed_chain.*``)."""
+    sizes = [int(x) for x in args.chain.split(",") if x.strip()]
+    ckeys = [k.strip() for k in args.chain_methods.split(",") if k.strip() in METHODS]
+    with tempfile.TemporaryDirectory(prefix="fold_speed.", dir=args.tmp_dir) as tmp:
+        results: dict = {"benchmark": "fold_speed_chain", "setup": environment(args.reps, 0)}
+        results["setup"]["bnfold_source_sha256_start"] = bnfold_source_digest()
+        results["chain"] = chain_scaling(sizes, ckeys, Path(tmp), max(1, args.reps),
+                                         command_reps=max(0, args.command_reps))
+        results["setup"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        changed = bnfold_source_digest() != results["setup"]["bnfold_source_sha256_start"]
+        results["setup"]["bnfold_source_changed_during_run"] = changed
+    json_path, md_path = args.out / "fold_speed_chain.json", args.out / "fold_speed_chain.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    setup = results["setup"]
+    head = ["# Fold speed: node-count scaling", "",
+            f"Load average (1, 5, 15 min) at start / end: {setup.get('loadavg_start')} / {setup.get('loadavg_end')}; "
+            f"git {setup.get('git_commit')}"
+            + ("; **bnfold's source changed during the run: rerun**" if changed else "") + "."]
+    md_path.write_text("\n".join(head + chain_markdown(results["chain"])) + "\n")
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1201,6 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes of the Conv+BN chains for the node-count scaling study ('' skips it)")
     ap.add_argument("--chain-methods", default="floor,bnfold,ort_offline",
                     help="methods timed on the chains (the Python optimizers take minutes there)")
+    ap.add_argument("--chain-only", action="store_true",
+                    help="only the chain study (no ResNet-50, no torch): writes fold_speed_chain.json/.md")
     # internal modes, used by the benchmark's own subprocesses
     ap.add_argument("--run-one", nargs=3, metavar=("METHOD", "SRC", "DST"), help=argparse.SUPPRESS)
     ap.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)
@@ -1226,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["floor", *[k for k in keys if k != "floor"]]
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.chain_only:
+        return chain_only(args)
     with tempfile.TemporaryDirectory(prefix="fold_speed.", dir=args.tmp_dir) as tmp:
         work = Path(tmp)
         src, cache_meta = prepare_model(args.cache_dir, work, args.refresh_cache, args.variant)

@@ -80,6 +80,13 @@ def bn_affine(gamma, beta, mean, var, eps: float, *, name: str = "BatchNorm") ->
         )
     gamma64 = _f64(gamma, n, 1.0)
     beta64 = _f64(beta, n, 0.0)
+    eps64 = float(eps)
+    if gamma64.shape[0] == n and beta64.shape[0] == n:  # the common case, checked in three array operations
+        denom = var64 + eps64
+        if np.isfinite(np.concatenate((gamma64, beta64, mean64, var64))).all() and (denom > 0).all():
+            scale = gamma64 / np.sqrt(denom)
+            return Affine(scale, beta64 - mean64 * scale)
+    # something is wrong: find the first problem, in the order a person fixes them
     for label, arr in (("scale (gamma)", gamma64), ("bias (beta)", beta64), ("mean", mean64), ("var", var64)):
         if arr.shape[0] != n:
             raise InvalidStatisticsError(
@@ -91,7 +98,6 @@ def bn_affine(gamma, beta, mean, var, eps: float, *, name: str = "BatchNorm") ->
                 f"BatchNorm '{name}': {label} is not finite at channel {int(bad[0])} ({arr[bad[0]]!r}); "
                 "recalibrate the statistics (bnfold calibrate) or fix the checkpoint"
             )
-    eps64 = float(eps)
     denom = var64 + eps64
     bad = np.flatnonzero(denom <= 0)
     if bad.size:

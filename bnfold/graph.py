@@ -51,10 +51,11 @@ class NodeKey(NamedTuple):
     index: int
 
 
-@dataclass(frozen=True)
-class Use:
+class Use(NamedTuple):
     """One read of a tensor: by input ``slot`` of node ``node`` (which lives in graph ``graph``, possibly a
-    subgraph of the tensor's graph), or as output number ``slot`` of graph ``graph`` when ``node`` is None."""
+    subgraph of the tensor's graph), or as output number ``slot`` of graph ``graph`` when ``node`` is None.
+    (A named tuple: the facade makes one per node input, and a tuple is several times cheaper to build than a
+    frozen dataclass.)"""
 
     graph: int
     node: int | None
@@ -146,43 +147,71 @@ class ModelGraph:
         g = GraphScope(len(self.graphs), proto, parent, owner, name)
         self.graphs.append(g)
         g.nodes = list(proto.node)
+        names = self.names
         for t in proto.initializer:
-            g.inits[t.name] = t
-            self.names.add(t.name)
+            name = t.name
+            g.inits[name] = t
+            names.add(name)
         for vi in proto.input:
-            g.inputs[vi.name] = vi
-            g.types[vi.name] = vi.type
-            self.names.add(vi.name)
+            name = vi.name
+            g.inputs[name] = vi
+            g.types[name] = vi.type
+            names.add(name)
         for vi in proto.value_info:
             g.types.setdefault(vi.name, vi.type)
         for vi in proto.output:
             g.types.setdefault(vi.name, vi.type)
         g.outputs = [vi.name for vi in proto.output]
+        producer = g.producer
         for i, n in enumerate(g.nodes):
-            if n.name:
-                self.names.add(n.name)
+            name = n.name
+            if name:
+                names.add(name)
             for k, o in enumerate(n.output):
                 if o:
-                    g.producer[o] = (i, k)
-                    self.names.add(o)
-        for i, n in enumerate(g.nodes):
-            for sub in _subgraphs(n):
-                self._walk(sub, g.index, NodeKey(g.index, i), sub.name)
+                    producer[o] = (i, k)
+                    names.add(o)
+            for a in n.attribute:  # its subgraphs (_subgraphs), numbered in node order, depth first
+                if a.type == onnx.AttributeProto.GRAPH:
+                    self._walk(a.g, g.index, NodeKey(g.index, i), a.g.name)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        self._walk(sub, g.index, NodeKey(g.index, i), sub.name)
 
     def _resolve_uses(self) -> None:
+        uses = self.uses
         for g in self.graphs:
+            resolve = self._resolver(g.index)
             for i, n in enumerate(g.nodes):
                 dtype_only_slot = 1 if n.op_type == "CastLike" and is_default_domain(n) else -1
                 for k, name in enumerate(n.input):
                     if not name:
                         continue
-                    b = self.resolve(g.index, name)
+                    b = resolve(name)
                     if b is not None:
-                        self.uses.setdefault(b, []).append(Use(g.index, i, k, k == dtype_only_slot))
+                        u = Use(g.index, i, k, k == dtype_only_slot)
+                        found = uses.get(b)
+                        if found is None:
+                            uses[b] = [u]
+                        else:
+                            found.append(u)
             for k, name in enumerate(g.outputs):
-                b = self.resolve(g.index, name)
+                b = resolve(name)
                 if b is not None:
-                    self.uses.setdefault(b, []).append(Use(g.index, None, k))
+                    uses.setdefault(b, []).append(Use(g.index, None, k))
+
+    def _resolver(self, graph: int):
+        """:meth:`resolve` for one graph (a main graph's lookup without the scope walk)."""
+        scope = self.graphs[graph]
+        if scope.parent is not None:
+            return lambda name: self.resolve(graph, name)
+        producer, inits, inputs = scope.producer, scope.inits, scope.inputs
+
+        def resolve_main(name: str) -> Binding | None:
+            if name in producer or name in inits or name in inputs:
+                return Binding(graph, name)
+            return None
+        return resolve_main
 
     @property
     def size_bound(self) -> int:
@@ -201,13 +230,13 @@ class ModelGraph:
     # ------------------------------------------------------------------ lookups
     def resolve(self, graph: int, name: str) -> Binding | None:
         """The binding a read of ``name`` in graph ``graph`` sees (innermost scope first); None if unbound."""
-        g: int | None = graph
-        while g is not None:
-            scope = self.graphs[g]
-            if scope.binds(name):
-                return Binding(g, name)
-            g = scope.parent
-        return None
+        scope = self.graphs[graph]
+        while True:
+            if name in scope.producer or name in scope.inits or name in scope.inputs:  # scope.binds, inlined
+                return Binding(scope.index, name)
+            if scope.parent is None:
+                return None
+            scope = self.graphs[scope.parent]
 
     def node(self, key: NodeKey) -> onnx.NodeProto:
         return self.graphs[key.graph].nodes[key.index]

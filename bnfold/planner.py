@@ -98,28 +98,35 @@ def plan(model: onnx.ModelProto, options=None) -> Plan:
     ctx = Context(mg)
     result = Plan(mg, ctx)
     src_layers = source_layers(model)
+    # the ops a step may start at (every other node is only read, by the rules)
+    sites = {"BatchNormalization"} | (set(affine_chain.OPS) if options.affine_chains else set()) \
+        | (set(branch_merge.OPS) if options.merge_branches else set())
     for g in mg.graphs:
         gname = mg.graph_name(g.index)
         for i, node in enumerate(g.nodes):
+            op = node.op_type
+            if op not in sites:
+                continue
             key = NodeKey(g.index, i)
             if key in ctx.removed or not is_default_domain(node):
                 continue
-            if node.op_type == "BatchNormalization":
+            if op == "BatchNormalization":
                 step = _plan_bn(ctx, key, options, gname)
             else:
                 step = None
-                if node.op_type in affine_chain.OPS and options.affine_chains:
+                if op in affine_chain.OPS and options.affine_chains:
                     step = _plan_affine(ctx, key, gname)
-                if step is None and node.op_type in branch_merge.OPS and options.merge_branches:
+                if step is None and op in branch_merge.OPS and options.merge_branches:
                     step = _plan_merge(ctx, key, gname, result, src_layers)
                 if step is None:
                     continue
             if step.standalone is not None:
                 ctx.standalone[key] = (*step.standalone, len(result.steps))
-            step.entry.layer = src_layers.get(node.output[0]) if node.output else None
-            if step.match is not None and step.match.into_node is not None:
-                into = mg.node(step.match.into_node)
-                step.entry.into_layer = src_layers.get(into.output[0]) if into.output else None
+            if src_layers:  # (exporter metadata: most models have none)
+                step.entry.layer = src_layers.get(node.output[0]) if node.output else None
+                if step.match is not None and step.match.into_node is not None:
+                    into = mg.node(step.match.into_node)
+                    step.entry.into_layer = src_layers.get(into.output[0]) if into.output else None
             result.steps.append(step)
     for fn in model.functions:
         for n in fn.node:
@@ -162,7 +169,7 @@ def _plan_bn(ctx: Context, key: NodeKey, options, gname: str) -> Step:
                     "eval mode")
     if ctx.opset < 7 and int(a.get("is_test", 0)) == 0:
         return skip("training_mode", "is_test=0 (opset < 7): the node is declared in training mode")
-    if any(o for o in node.output[1:]):
+    if len(node.output) > 1 and any(o for o in node.output[1:]):
         return skip("extra_outputs", "it outputs running/saved statistics: only an inference-mode "
                     "BatchNormalization with one output can be folded")
     if int(a.get("spatial", 1)) == 0:
@@ -171,8 +178,10 @@ def _plan_bn(ctx: Context, key: NodeKey, options, gname: str) -> Step:
     if len(node.input) < 5 or not node.input[0]:
         return skip("non_constant_parameters", "malformed node: fewer than 5 inputs")
     values, missing = [], []
+    inputs = node.input
     for slot, what in zip(range(1, 5), ("scale", "B", "mean", "var")):
-        v = mg.const(mg.input_binding(key, slot))
+        name = inputs[slot]  # (mg.input_binding: five inputs, checked above)
+        v = mg.const(mg.resolve(key.graph, name) if name else None)
         if isinstance(v, NotConst):
             missing.append((what, v))
         values.append(v)
@@ -274,7 +283,8 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
     pkey, pslot = p
     pnode = mg.node(pkey)
     special = pnode.op_type in ("Concat", "Reshape", "Transpose") and is_default_domain(pnode)
-    if not special and layers.module_for(ctx, pkey) is None:
+    mod = None if special else layers.module_for(ctx, pkey)
+    if not special and mod is None:
         raise Skip("no_foldable_neighbour", f"producer {pnode.op_type} cannot absorb it", applicable=False)
     if len(mg.real_uses(x)) != 1:
         raise Skip("producer_output_shared", f"the output of {mg.label(pkey)} is also used elsewhere (or is a graph "
@@ -284,8 +294,8 @@ def _backward(ctx: Context, site: NodeKey, x: Binding, y: Binding, affine, *, ch
     if pnode.op_type in reshape_backward.OPS:
         return reshape_backward.match(ctx, pkey, site, x, y, affine, out_slot=pslot)
     rank = mg.rank(x) if pnode.op_type in ("MatMul", "Add") else None
-    absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank)
-    rule = layers.module_for(ctx, pkey).__name__.rsplit(".", 1)[-1]
+    absorbs, into = layers.absorb_backward(ctx, pkey, affine, channel_axis=channel_axis, rank=rank, mod=mod)
+    rule = mod.__name__.rsplit(".", 1)[-1]
     return Match(rule, "backward", into, pkey if pnode.op_type != "Add" else absorbs[0].node,
                  absorbs=absorbs, remove=[site], set_output=[(pkey, pslot, y.name)], redirect_dtype=(x, y.name),
                  produced=(y, (pkey, pslot)))

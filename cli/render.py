@@ -34,16 +34,24 @@ def _name_width(console_width: int, others: int, longest: int, floor: int = 12) 
     return max(floor, min(longest, console_width - others))
 
 
-def report_table(report: FoldReport, title: str, width: int = 80) -> Table:
-    """One row per BatchNorm (and folded affine op): what happened and, for skips, why. Names that do not fit
-    ``width`` are shortened (:func:`shorten`), never wrapped."""
+#: Rows of the fold table. A longer report shows every skipped entry and the first folded ones, in graph order,
+#: and one row for the rest: rich spends about as long laying out a 3,000-row table as the fold takes, and a
+#: person reads the skips (``--report FILE`` and ``--json`` list every entry).
+TABLE_ROWS = 100
+
+
+def report_table(report: FoldReport, title: str, width: int = 80, max_rows: int = TABLE_ROWS) -> Table:
+    """One row per BatchNorm (and folded affine op): what happened and, for skips, why; beyond ``max_rows``
+    entries, the skipped ones first, then one row counting what is not shown. Names that do not fit ``width``
+    are shortened (:func:`shorten`), never wrapped."""
     table = Table(title=cell(shorten(title, width)), title_justify="left")
     room = max(12, (width - 13) // 3)  # node and target share what the borders and the reason code leave
     table.add_column("node", no_wrap=True, max_width=room)
     table.add_column("action", no_wrap=True, max_width=room + 12)
     table.add_column("reason", no_wrap=True)
     table.add_column("why", overflow="fold", ratio=1)
-    for e in report.entries:
+    shown, hidden = _table_entries(report.entries, max_rows)
+    for e in shown:
         name = e.layer or e.bn
         name = f"{e.graph}/{name}" if e.graph else name
         if e.op in AFFINE_OPS + MERGE_OPS:
@@ -53,7 +61,27 @@ def report_table(report: FoldReport, title: str, width: int = 80) -> Table:
                           cell(f"{e.direction} → {shorten(e.into_layer or e.into or '', room)}", "green"), "", "")
         else:
             table.add_row(cell(shorten(name, room)), cell("skipped", "yellow"), cell(e.reason), cell(e.message))
+    if hidden:
+        folded = sum(e.status == "folded" for e in hidden)
+        parts = [f"{folded:,} folded"] if folded else []
+        parts += [f"{len(hidden) - folded:,} skipped"] if len(hidden) > folded else []
+        table.add_row(cell(f"… {len(hidden):,} more"), cell(", ".join(parts)), "",
+                      cell("not shown: --report FILE or --json lists every entry"))
     return table
+
+
+def _table_entries(entries: list, max_rows: int) -> tuple[list, list]:
+    """``(shown, hidden)``: every entry when they fit ``max_rows``; else the skipped ones (up to ``max_rows``),
+    then the first folded ones, in graph order."""
+    if len(entries) <= max_rows:
+        return list(entries), []
+    keep = [i for i, e in enumerate(entries) if e.status != "folded"][:max_rows]
+    room = max_rows - len(keep)
+    if room:
+        keep += [i for i, e in enumerate(entries) if e.status == "folded"][:room]
+    chosen = set(keep)
+    return ([e for i, e in enumerate(entries) if i in chosen],
+            [e for i, e in enumerate(entries) if i not in chosen])
 
 
 def verify_table(result, width: int = 80) -> Table:

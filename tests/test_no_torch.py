@@ -14,6 +14,7 @@ from .helpers import G
 PROBE = """
 import atexit, sys
 atexit.register(lambda: sys.stderr.write("\\nTORCH-IMPORTED\\n" if "torch" in sys.modules else "\\nTORCH-FREE\\n"))
+atexit.register(lambda: sys.stderr.write("\\nORT-IMPORTED\\n" if "onnxruntime" in sys.modules else "\\nORT-FREE\\n"))
 from bnfold.cli.main import main
 sys.argv = ["bnfold"] + sys.argv[1:]
 main()
@@ -43,3 +44,16 @@ def test_onnx_commands_never_import_torch(small, args):
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TORCH-FREE" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", "{d}/small.onnx"],
+    ["fold", "{d}/small.onnx", "-o", "{d}/folded_ort.onnx"],
+    ["fold", "{d}/small.onnx", "--dry-run"],
+], ids=["inspect", "fold", "dry-run"])
+def test_fold_without_verify_never_imports_onnxruntime(small, args):
+    """Only --verify runs the model: a plain fold does not pay ONNX Runtime's import (issue 20: start-up)."""
+    argv = [a.format(d=small) for a in args]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ORT-FREE" in proc.stderr, proc.stderr[-2000:]

@@ -43,7 +43,7 @@ def absorb(ctx: Context, key: NodeKey, affine: formula.Affine, *, channel_axis: 
     if len(w.shape) < 3:
         raise Skip("channel_axis_mismatch", f"the weight of {label} has {len(w.shape)} dimensions")
     groups = int(ctx.attr(key, "group", 1))
-    n = out_channels(ctx, key)
+    n = w.shape[0] if op == "Conv" else w.shape[1] * groups  # out_channels(), from the weight already read
     b = vector_bias(b, n, label)
     affine = channels(affine, n, label)
     if op == "Conv":

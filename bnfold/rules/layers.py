@@ -22,8 +22,9 @@ def module_for(ctx: Context, key: NodeKey):
 
 
 def absorb_backward(ctx: Context, key: NodeKey, affine: formula.Affine, *, channel_axis: int, rank: int | None,
-                    **kw):
-    mod = module_for(ctx, key)
+                    mod=None, **kw):
+    """``mod.absorb`` of the rule for ``key``'s op (``mod``: :func:`module_for`, when the caller has it)."""
+    mod = mod or module_for(ctx, key)
     if mod is None:
         raise Skip("no_foldable_neighbour", f"producer {ctx.op(key)} cannot absorb it", applicable=False)
     return mod.absorb(ctx, key, affine, channel_axis=channel_axis, rank=rank, **kw)
