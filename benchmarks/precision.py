@@ -633,6 +633,11 @@ def _r(st: dict | None) -> str:
     return f"{st['gm']:.2f} [{st['lo']:.2f}, {st['hi']:.2f}]"
 
 
+def _avg(row: dict, key: str) -> str:
+    v = [r[key] for r in row["seeds"] if key in r]
+    return f"{np.mean(v):.3g}" if v else "n/a"
+
+
 def markdown_seeds(rows: list[dict], meta: dict) -> str:
     n = max((r["summary"]["n"] for r in rows), default=0)
     lines = [f"# Reduced precision over independent realizations ({meta['date']})", "",
@@ -650,8 +655,8 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
              "| model | BN | n | ratio max (cpu) | ratio mean (cpu) | A/A max (cpu) | A/A mean (cpu) | ratio max "
              "(emulated) | ratio mean (emulated) | A/A max (emu) | A/A mean (emu) | occ unfolded inf (emu) | "
              "verdict cpu | verdict emulated | bnfold / ModelOpt max, mean (cpu) | bnfold / ModelOpt max, mean "
-             "(emu) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+             "(emu) | bnfold kept fp32 / sub+zero (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         s = r["summary"]
         lines.append(f"| {r['model']} | {r['bn']} | {s['n']} | " + " | ".join(
@@ -659,7 +664,7 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
                                    "ratio_emu_mean", "aa_emu_max", "aa_emu_mean"))
             + f" | {s['emu_inf_occ']} | {s.get('verdict_cpu_', 'n/a')} | {s.get('verdict_emu_', 'n/a')} | "
             + " | ".join(f"{_r(s.get(f'modelopt_{p}max'))}, {_r(s.get(f'modelopt_{p}mean'))}" for p in ("", "emu_"))
-            + " |")
+            + f" | {_avg(r, 'kept')} / {_avg(r, 'subnormal')} |")
     mo = {r2.get("modelopt_fp16", {}).get("skipped") for r in rows for r2 in r["seeds"]} - {None}
     if mo:
         lines += ["", "ModelOpt: " + "; ".join(sorted(mo))]
@@ -759,8 +764,9 @@ def write(args, rows: list[dict]) -> None:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
             "torch": torch.__version__, "python": platform.python_version(), "samples": args.samples}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"precision{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / f"precision{args.tag}.md").write_text(markdown(rows, meta))
+    (args.out / f"precision_single{args.tag}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"precision_single{args.tag}.md").write_text(markdown(rows, meta))
 
 
 def main(argv=None) -> int:
@@ -778,8 +784,15 @@ def main(argv=None) -> int:
                     help="independent realizations per model (the acceptance table, precision_seeds*.md)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--attribute", action="store_true", help="with --seeds: fp32 runs that take the error apart")
+    ap.add_argument("--render", type=Path, help="rewrite the .md of a --seeds result .json (nothing is run)")
     ap.add_argument("--modelopt-python", help="python of a venv with nvidia-modelopt[onnx] (run there, as files)")
     args = ap.parse_args(argv)
+    if args.render:
+        d = json.loads(args.render.read_text())
+        for r in d["rows"]:
+            r["summary"] = summarize(r)
+        args.render.with_suffix(".md").write_text(markdown_seeds(d["rows"], d["meta"]))
+        return 0
     zoo = load_zoo()
     wanted: list[tuple[str, str]] = []
     for item in args.models.split(","):
@@ -833,9 +846,9 @@ def main_seeds(args, wanted) -> int:
                   f"A/A max {_r(s.get('aa_max'))} mean {_r(s.get('aa_mean'))}; emulated {_r(s.get('ratio_emu_max'))}"
                   f" / {_r(s.get('ratio_emu_mean'))}; {s.get('verdict_cpu_')}, {s.get('verdict_emu_')} "
                   f"[{row['seconds']} s]", flush=True)
-        (args.out / f"precision_seeds{args.tag}.json").write_text(
+        (args.out / f"precision{args.tag}.json").write_text(
             json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        (args.out / f"precision_seeds{args.tag}.md").write_text(markdown_seeds(rows, meta))
+        (args.out / f"precision{args.tag}.md").write_text(markdown_seeds(rows, meta))
     return 0
 
 
