@@ -88,8 +88,9 @@ REASONS = {
     "custom_domain": "an op outside the default ONNX domain: its kernels are unknown",
     "control_flow": "an If/Loop/Scan node: its inputs and outputs keep their dtype; its body is converted",
     "unknown_type": "shape inference could not type an output of the node, so it stays as it was",
-    "follows_fp32": "an op that only moves values (Reshape, Concat...) reading from or read only by fp32 nodes: "
-                    "it stays fp32 with them, so the Cast sits at the next compute node (the values are identical)",
+    "follows_fp32": "an op that only moves values (Reshape, Concat...) reading from or read only by fp32 nodes, or "
+                    "a Constant a reader takes in fp32: it stays fp32 with them, so the Cast sits at the next "
+                    "compute node (the values are identical)",
 }
 _RANGE_REASONS = ("{t}_overflow", "{t}_activation_overflow")
 
@@ -556,7 +557,8 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
                     modes[(g.index, i)] = ("keep", None)
                     r = rows.get((mg.graph_name(g.index), _label(node)))
                     if r is not None:
-                        r.runs_in, r.message = "fp32", "a reader takes it in fp32: kept exact"
+                        r.runs_in, r.reason = "fp32", "follows_fp32"
+                        r.message = "a reader takes it in fp32: kept exact"
                     break
 
     report = PrecisionReport(tgt.name, tgt.name if options.io_dtype else "fp32", tgt.max_finite,

@@ -294,6 +294,25 @@ def test_value_moving_ops_next_to_fp32_nodes_stay_fp32_so_the_cpu_rounds_no_acti
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
+def test_a_float_constant_read_by_an_fp32_kept_node_is_listed_with_a_reason():
+    """A Constant whose reader stays fp32 stays fp32 too, listed as ``follows_fp32`` (before: listed with no
+    reason, and the report's summary failed sorting None against the other reasons)."""
+    g = G(seed=4)
+    x = g.input("x", [1, 3, 6, 6])
+    y = g.node("Conv", [x, g.const(np.clip(g.rand(4, 3, 3, 3), -2, 2) * 3e4, "W")], name="conv")  # ~1e6
+    c = g.node("Constant", [], name="half", value=numpy_helper.from_array(np.array(0.5, np.float32)))
+    y = g.node("Max", [y, c], name="max")  # not an affine op: not folded into the conv
+    model = g.model([y])
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    p = report.extra["precision"]
+    kept = {k["node"]: k["reason"] for k in p["kept_fp32"]}
+    assert kept == {"conv": "fp16_activation_overflow", "half": "follows_fp32", "max": "fp16_activation_overflow"}
+    assert "follows_fp32 1" in p["summary"]
+    assert_valid(out)
+    f = random_feeds(model)
+    np.testing.assert_allclose(run_ort(out, f)[0], reference(model, f)[0], rtol=1e-2, atol=1e-2 * 1e6)
+
+
 def test_underflow_is_counted_with_its_worst_channel():
     gamma = np.ones(8)
     gamma[5] = 1e-6  # channel 5's folded weights fall below fp16's normal range (6.1e-5), some to zero
