@@ -668,13 +668,18 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
     mo = {r2.get("modelopt_fp16", {}).get("skipped") for r in rows for r2 in r["seeds"]} - {None}
     if mo:
         lines += ["", "ModelOpt: " + "; ".join(sorted(mo))]
-    aa = [r["summary"][k]["log_sd"] for r in rows for k in ("aa_max", "aa_mean") if k in r["summary"]]
-    rr = [r["summary"][k]["log_sd"] for r in rows for k in ("ratio_max", "ratio_mean") if k in r["summary"]]
-    if aa:
-        lines += ["", f"Calibration (cpu): seed-to-seed spread of log(ratio), median over rows: A/A "
-                      f"{float(np.median(aa)):.3f} (a factor of {math.exp(float(np.median(aa))):.2f} per seed), "
-                      f"bnfold/occ {float(np.median(rr)):.3f}. With {n} seeds a geometric mean is known to about "
-                      f"x{math.exp(2 * float(np.median(aa)) / math.sqrt(max(n, 1))):.2f} (2 standard errors)."]
+    for bn in sorted({r["bn"] for r in rows}, reverse=True):
+        aa = [r["summary"][k]["log_sd"] for r in rows if r["bn"] == bn for k in ("aa_max", "aa_mean")
+              if k in r["summary"] and math.isfinite(r["summary"][k]["log_sd"])]
+        rr = [r["summary"][k]["log_sd"] for r in rows if r["bn"] == bn for k in ("ratio_max", "ratio_mean")
+              if k in r["summary"] and math.isfinite(r["summary"][k]["log_sd"])]
+        if aa and rr:
+            sd = float(np.median(aa))
+            lines += ["", f"Calibration, {bn} statistics (cpu): seed-to-seed spread (sd of log ratio), median over "
+                          f"rows: A/A {sd:.2f} (two equally valid roundings differ by a factor of {math.exp(sd):.2f}"
+                          f" typically), bnfold/occ {float(np.median(rr)):.2f}. With {n} seeds a geometric mean "
+                          f"is known to about x{math.exp(2 * sd / math.sqrt(max(n, 1))):.2f} (2 standard errors); "
+                          "one realization (the old single-seed table) cannot judge a 5% criterion."]
     att = [r for r in rows if "attribute" in r]
     if att:
         lines += ["", "Attribution (cpu setting: fp32 arithmetic, parameters rounded to fp16 as listed; geometric "
@@ -792,6 +797,14 @@ def main(argv=None) -> int:
         for r in d["rows"]:
             r["summary"] = summarize(r)
         args.render.with_suffix(".md").write_text(markdown_seeds(d["rows"], d["meta"]))
+        for r in d["rows"]:  # the README's compact rows
+            s = r["summary"]
+
+            def cell(pre, s=s):
+                a, b = s.get(f"ratio_{pre}max"), s.get(f"ratio_{pre}mean")
+                return f"{a['gm']:.2f} / {b['gm']:.2f}" if a and b else "occ inf"
+            print(f"| {r['model']} | {r['bn']} | {s['n']} | {cell('')} | {cell('emu_')} | "
+                  f"{s['verdict_cpu_']} | {s['verdict_emu_']} |")
         return 0
     zoo = load_zoo()
     wanted: list[tuple[str, str]] = []
