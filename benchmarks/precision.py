@@ -32,12 +32,21 @@ arithmetic itself needs a run on a GPU.
 With ``--latency`` the fp16 models and the fp32 fold are also timed (``bnfold.bench``: sessions, balanced
 order, intervals) on ``--ep``; run that only on a quiet machine. Without it no timing is taken.
 
+Acceptance over independent realizations (``--seeds N``, see "realizations" below): N draws per model of weights,
+BN statistics and inputs; per model the ratio bnfold / onnxconverter-common of the max and mean error, geometric
+mean over seeds with a 95% interval, next to an A/A calibration; ``--attribute`` adds fp32 runs that round only
+some parameters; ``--modelopt-python`` runs ModelOpt AutoCast from its own venv.
+
 Usage (torchvision and onnxconverter-common live in the shared venv; bnfold from this checkout)::
 
-    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py [--models zoo,tv] [--samples 8]
-        [--latency --ep cpu --iters 100] [--out benchmarks/results]
-
-Writes ``precision.json`` and ``precision.md`` (``precision_latency.*`` with ``--latency``) into ``--out``.
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --seeds 10 --samples 16 \
+        --attribute [--modelopt-python /tmp/modelopt-venv/bin/python]          # precision.md / .json
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models tv --seeds 3 --samples 2 --tag _tv
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --samples 4   # one realization,
+        # with bf16 and the clamped / subnormal / kept counts: precision_single.md
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --bn typical --samples 4 \
+        --latency --ep cpu --iters 200 --tag _quiet                             # precision_latency_quiet.md
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --render benchmarks/results/precision.json
 """
 
 from __future__ import annotations
