@@ -491,6 +491,7 @@ def realize(kind: str, name: str, shape: tuple, bn: str, seed: int, samples: int
     cands = {"bnfold_fp16": m16, "occ_fp16_unfolded": occ_convert(unfolded), "occ_fp16_folded": occ_convert(folded32),
              "occ_fp16_twin": occ_convert(unfolded_b)}
     out = {"seed": seed, "kept": len(p["kept_fp32"]), "subnormal": p["subnormal"] + p["zero"],
+           "ref_max_abs": float(np.abs(ref).max()),
            "_pending": (unfolded, x, ref)}  # for ModelOpt, converted in one batch per row
     for c, m in cands.items():
         if isinstance(m, str):
@@ -553,7 +554,8 @@ def summarize(row: dict) -> dict:
     held an inf (then bnfold's error is below by definition; the ratio is taken over the other seeds), and the
     verdicts (:func:`verdict`)."""
     done = [r for r in row["seeds"] if "error" not in r]
-    s = {"n": len(done)}
+    fp32_max = float(np.finfo(np.float32).max)
+    s = {"n": len(done), "fp32_overflows": sum(1 for r in done if r.get("ref_max_abs", 0) > fp32_max)}
     for pre in ("", "emu_"):
         s[f"{pre}inf_occ"] = sum(1 for r in done if not math.isfinite(r["occ_fp16_unfolded"][f"{pre}max"]))
         s[f"{pre}inf_bnfold"] = sum(1 for r in done if not math.isfinite(r["bnfold_fp16"][f"{pre}max"]))
@@ -598,6 +600,8 @@ def summarize(row: dict) -> dict:
             v += f"; occ inf in {s[f'{pre}inf_occ']}/{s['n']}"
         if s[f"{pre}inf_bnfold"]:
             v += f"; bnfold inf in {s[f'{pre}inf_bnfold']}/{s['n']}"
+        if s["fp32_overflows"]:  # the float64 reference itself passes fp32's range: no reduced-precision row
+            v = f"n/a: the float64 reference passes fp32's range in {s['fp32_overflows']}/{s['n']} seeds"
         s[f"verdict_{pre or 'cpu_'}"] = v
     return s
 
@@ -666,6 +670,10 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
              "verdict cpu | verdict emulated | bnfold / ModelOpt max, mean (cpu) | bnfold / ModelOpt max, mean "
              "(emu) | bnfold kept fp32 / sub+zero (mean) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    if meta.get("extra_seeds"):  # rows merged with more seeds of the same model (column n)
+        lines[2] += " More seeds: " + "; ".join(meta["extra_seeds"]) + "."
+    if meta.get("notes"):
+        lines[2] += " Notes: " + "; ".join(meta["notes"]) + "."
     for r in rows:
         s = r["summary"]
         lines.append(f"| {r['model']} | {r['bn']} | {s['n']} | " + " | ".join(
@@ -684,10 +692,12 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
               if k in r["summary"] and math.isfinite(r["summary"][k]["log_sd"])]
         if aa and rr:
             sd = float(np.median(aa))
+            n = int(np.median([r["summary"]["n"] for r in rows if r["bn"] == bn]))
             lines += ["", f"Calibration, {bn} statistics (cpu): seed-to-seed spread (sd of log ratio), median over "
                           f"rows: A/A {sd:.2f} (two equally valid roundings differ by a factor of {math.exp(sd):.2f}"
-                          f" typically), bnfold/occ {float(np.median(rr)):.2f}. With {n} seeds a geometric mean "
-                          f"is known to about x{math.exp(2 * sd / math.sqrt(max(n, 1))):.2f} (2 standard errors); "
+                          f" typically), bnfold/occ {float(np.median(rr)):.2f}. With {n} seeds (the median row) a "
+                          f"geometric mean is known to about x{math.exp(2 * sd / math.sqrt(max(n, 1))):.2f} "
+                          "(2 standard errors); "
                           "one realization (the old single-seed table) cannot judge a 5% criterion."]
     att = [r for r in rows if "attribute" in r]
     if att:
