@@ -542,7 +542,7 @@ def verdict(stats: dict, wide: bool) -> str:
         if hi < 1:
             return "below"
         if gm < 1:
-            return "below (gm; interval spans 1)"
+            return "below (gm)"
         return "NOT below" if lo > 1.05 else "not shown below"
     if gm <= 1.05:
         return "within 5%"
@@ -821,9 +821,12 @@ def main(argv=None) -> int:
 
             def cell(pre, s=s):
                 a, b = s.get(f"ratio_{pre}max"), s.get(f"ratio_{pre}mean")
+                if s["fp32_overflows"]:
+                    return "n/a"
                 return f"{a['gm']:.2f} / {b['gm']:.2f}" if a and b else "occ inf"
-            print(f"| {r['model']} | {r['bn']} | {s['n']} | {cell('')} | {cell('emu_')} | "
-                  f"{s['verdict_cpu_']} | {s['verdict_emu_']} |")
+            v = s["verdict_cpu_"] if s["verdict_cpu_"] == s["verdict_emu_"] else \
+                f"{s['verdict_cpu_']}; emulated: {s['verdict_emu_']}"
+            print(f"| {r['model']} | {r['bn']} | {s['n']} | {cell('')} | {cell('emu_')} | {v} |")
         return 0
     zoo = load_zoo()
     wanted: list[tuple[str, str]] = []
