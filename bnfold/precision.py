@@ -16,8 +16,10 @@ the model follows:
    (``fp16_overflow``), an input or output whose magnitude times ``headroom`` passes the largest finite value
    (``fp16_activation_overflow``), an op that ONNX Runtime's CPU or CUDA provider cannot run in the target
    dtype (``no_fp16_kernel``), a custom-domain op (``custom_domain``) or a control-flow node, whose boundary stays
-   as it was while its body is converted (``control_flow``). With ``strict_range`` a range problem raises
-   :class:`RangeCheckFailed` instead.
+   as it was while its body is converted (``control_flow``). An op that only moves values (Reshape, Concat...)
+   next to an fp32 node stays fp32 with it (``follows_fp32``: the Cast moves to the next compute node, where ONNX
+   Runtime's CPU provider drops it instead of rounding an activation; identical values on an fp16 runtime). With
+   ``strict_range`` a range problem raises :class:`RangeCheckFailed` instead.
 4. **Convert.** Initializers, ``Constant``/``ConstantOfShape`` values, ``Cast`` targets and value_info follow the
    decisions; a ``Cast`` is inserted wherever a tensor's dtype differs from what its reader runs in, in the main
    graph and in every subgraph. Graph inputs and outputs keep fp32 (a Cast at each boundary) unless
