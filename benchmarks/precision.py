@@ -32,12 +32,21 @@ arithmetic itself needs a run on a GPU.
 With ``--latency`` the fp16 models and the fp32 fold are also timed (``bnfold.bench``: sessions, balanced
 order, intervals) on ``--ep``; run that only on a quiet machine. Without it no timing is taken.
 
+Acceptance over independent realizations (``--seeds N``, see "realizations" below): N draws per model of weights,
+BN statistics and inputs; per model the ratio bnfold / onnxconverter-common of the max and mean error, geometric
+mean over seeds with a 95% interval, next to an A/A calibration; ``--attribute`` adds fp32 runs that round only
+some parameters; ``--modelopt-python`` runs ModelOpt AutoCast from its own venv.
+
 Usage (torchvision and onnxconverter-common live in the shared venv; bnfold from this checkout)::
 
-    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py [--models zoo,tv] [--samples 8]
-        [--latency --ep cpu --iters 100] [--out benchmarks/results]
-
-Writes ``precision.json`` and ``precision.md`` (``precision_latency.*`` with ``--latency``) into ``--out``.
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --seeds 10 --samples 16 \
+        --attribute [--modelopt-python /tmp/modelopt-venv/bin/python]          # precision.md / .json
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models tv --seeds 3 --samples 2 --tag _tv
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --samples 4   # one realization,
+        # with bf16 and the clamped / subnormal / kept counts: precision_single.md
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --bn typical --samples 4 \
+        --latency --ep cpu --iters 200 --tag _quiet                             # precision_latency_quiet.md
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --render benchmarks/results/precision.json
 """
 
 from __future__ import annotations
@@ -130,6 +139,46 @@ def occ_convert(model: onnx.ModelProto) -> onnx.ModelProto | str:
         return float16.convert_float_to_float16(copy.deepcopy(model), keep_io_types=True)
 
 
+#: ModelOpt pins onnx and onnxruntime-gpu versions of its own: it lives in a separate venv whose python is given
+#: by ``--modelopt-python`` (``python -m venv /tmp/modelopt-venv && /tmp/modelopt-venv/bin/pip install
+#: "nvidia-modelopt[onnx]"``); the models travel as files.
+MODELOPT_PYTHON: str | None = None
+
+_MODELOPT_SCRIPT = """
+import sys, onnx
+from modelopt.onnx.autocast import convert_to_mixed_precision
+for src in sys.argv[1:]:
+    try:
+        m = convert_to_mixed_precision(onnx_path=src, low_precision_type="fp16", keep_io_types=True)
+        onnx.save(m, src + ".fp16.onnx")
+    except Exception as exc:
+        open(src + ".err", "w").write(type(exc).__name__ + ": " + str(exc)[:200])
+"""
+
+
+def modelopt_convert_many(models: list[onnx.ModelProto]) -> list[onnx.ModelProto | str]:
+    """NVIDIA ModelOpt ONNX AutoCast (``convert_to_mixed_precision``, fp16, keep_io_types, its default
+    thresholds) of each model: in-process where it imports, else in ``MODELOPT_PYTHON``'s environment."""
+    if MODELOPT_PYTHON is None:
+        return [modelopt_convert(m) for m in models]
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = [str(Path(d) / f"m{i}.onnx") for i in range(len(models))]
+        for m, p in zip(models, paths):
+            onnx.save(m, p)
+        r = subprocess.run([MODELOPT_PYTHON, "-c", _MODELOPT_SCRIPT, *paths], capture_output=True, text=True)
+        out: list[onnx.ModelProto | str] = []
+        for p in paths:
+            if Path(p + ".fp16.onnx").exists():
+                out.append(onnx.load(p + ".fp16.onnx"))
+            elif Path(p + ".err").exists():
+                out.append(f"ModelOpt AutoCast failed ({Path(p + '.err').read_text()})")
+            else:
+                out.append(f"ModelOpt AutoCast did not run (rc {r.returncode}: {r.stderr.strip()[-120:]})")
+        return out
+
+
 def modelopt_convert(model: onnx.ModelProto) -> onnx.ModelProto | str:
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
@@ -142,6 +191,15 @@ def modelopt_convert(model: onnx.ModelProto) -> onnx.ModelProto | str:
             return convert_to_mixed_precision(onnx_path=str(p), low_precision_type="fp16", keep_io_types=True)
         except Exception as exc:
             return f"ModelOpt AutoCast failed ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+def modelopt_kept(m: onnx.ModelProto) -> int:
+    """Compute nodes AutoCast left in fp32 (a float32 output, not a Cast)."""
+    from bnfold.graph import Binding, ModelGraph
+
+    mg = ModelGraph(m)
+    return sum(1 for n in m.graph.node if n.op_type not in ("Cast", "Constant", "Shape") and n.output
+               and mg.elem_type(Binding(0, n.output[0])) == onnx.TensorProto.FLOAT)
 
 
 def occ_counts(src: onnx.ModelProto, conv: onnx.ModelProto) -> dict:
@@ -173,8 +231,9 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(None, {name: feed})[0], np.float64)
 
 
-def emulate(m16: onnx.ModelProto) -> onnx.ModelProto:
-    """fp32 arithmetic with every tensor that is fp16/bf16 in ``m16`` rounded to its dtype after its producer."""
+def emulate(m16: onnx.ModelProto, round_activations: bool = True) -> onnx.ModelProto:
+    """fp32 arithmetic with every tensor that is fp16/bf16 in ``m16`` rounded to its dtype after its producer
+    (without ``round_activations``: the model's parameters as they are, no activation rounded at all)."""
     from onnx import helper
 
     from bnfold.graph import Binding, ModelGraph
@@ -195,7 +254,7 @@ def emulate(m16: onnx.ModelProto) -> onnx.ModelProto:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32)))
         rounds = []
         for k, o in enumerate(n.output):
-            if o in low and n.op_type != "Cast":
+            if o in low and round_activations:  # a Cast to fp16 rounds too
                 n.output[k] = f"{o}__pre"
                 rounds.append((o, low[o]))
         nodes.append(n)
@@ -246,7 +305,7 @@ def evaluate(kind: str, name: str, bn: str, samples: int, seed: int, keep: dict 
     for k, src in (("occ_fp16_unfolded", unfolded), ("occ_fp16_folded", folded32)):
         if isinstance(models[k], onnx.ModelProto):
             counts[k] = occ_counts(src, models[k])
-    models["modelopt_fp16"] = modelopt_convert(unfolded)
+    models["modelopt_fp16"] = modelopt_convert_many([unfolded])[0]
     for c in CANDIDATES:
         m = models.get(c)
         if isinstance(m, str) or m is None:
@@ -261,7 +320,8 @@ def evaluate(kind: str, name: str, bn: str, samples: int, seed: int, keep: dict 
         if c in ("bnfold_fp16", "bnfold_bf16", "occ_fp16_unfolded", "occ_fp16_folded", "modelopt_fp16"):
             e = errors(run(emulate(m), x), ref)
             row["candidates"][c].update(emu_max_rel=e["max_rel"], emu_mean_rel=e["mean_rel"])
-        if keep is not None and c in ("bnfold_fp32", "bnfold_fp16", "occ_fp16_unfolded", "occ_fp16_folded"):
+        if keep is not None and c in ("fp32_unfolded", "bnfold_fp32", "bnfold_fp16", "occ_fp16_unfolded",
+                                      "occ_fp16_folded", "modelopt_fp16"):
             keep.setdefault(f"{name}-{bn}", {})[c] = m
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["verdict"] = f"cpu {judge(row, '')}, emulated {judge(row, 'emu_')}"
@@ -279,6 +339,378 @@ def judge(row: dict, prefix: str) -> str:
     if row["bn"] == "wide":
         ok = ok and all(b[k] < o[k] for k in keys)
     return "met" if ok else "NOT met"
+
+
+# ------------------------------------------------------------------------------------------------ realizations
+# One row of the table above is ONE realization of rounding errors: two equally good roundings of the same model
+# differ by tens of % by chance, so a 5% criterion judged on one row is a coin flip. ``--seeds N`` draws N
+# independent realizations per model (fresh weights and BN statistics per seed, ``--samples`` inputs each) and
+# reports, per model, the ratio bnfold / onnxconverter-common of the max and mean error with its spread over the
+# seeds, next to an A/A calibration: onnxconverter-common on a *twin* of the same model (every parameter moved by
+# a random 2^-10 relative, i.e. about one fp16 ulp: a second, equally valid rounding realization) against the
+# first. ``--attribute`` adds fp32 runs that round only some parameters (see ``VARIANTS``).
+
+#: fp32 runs that isolate one source of error (parameters rounded to fp16 and stored back as fp32, fp32 arithmetic,
+#: no activation rounding at all): what the "cpu" columns measure, taken apart.
+VARIANTS = {
+    "unf_all": "unfolded model, every parameter rounded (weights and BN gamma, beta, mean, var)",
+    "unf_w": "unfolded model, only conv/linear weights and biases rounded",
+    "unf_bn": "unfolded model, only the BatchNorm parameters rounded",
+    "fold_all": "bnfold's fp16 parameters, fp32 graph (no Casts: bnfold fp16 without any activation rounding)",
+    "fold_w": "bnfold's fp16 weights, biases exact (from the float64 fold, in fp32)",
+    "fold_b": "bnfold's fp16 biases, weights exact",
+    "fold_nosub": "bnfold's fp16 parameters, but weights that round to a subnormal or zero kept exact",
+}
+
+
+def build_seeded(kind: str, name: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(1000 + seed)
+    if kind == "zoo":
+        return load_zoo().create(name)
+    import torchvision
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
+    return getattr(torchvision.models, name)(weights=None, **kwargs)
+
+
+def _float_state(net: torch.nn.Module) -> dict:
+    return {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def tagged_export(net: torch.nn.Module, shape: tuple) -> tuple[onnx.ModelProto, dict]:
+    """Export ``net`` once with every float parameter and buffer set to distinct random values, and map each
+    float initializer of the export to the state-dict entry it holds (by its bytes). Later realizations write
+    their state into a copy of the export through this map (no re-export). Raises when an initializer holds
+    something derived from the parameters (then it cannot be written this way)."""
+    g = torch.Generator().manual_seed(12345)
+    tagged = copy.deepcopy(net)
+    with torch.no_grad():
+        for v in _float_state(tagged).values():
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)  # positive: a valid variance too
+    x = torch.zeros((1,) + tuple(shape[1:]))
+    proto = export_onnx(tagged.eval(), (x,), keep_bn=True)
+    by_bytes = {v.detach().numpy().astype(np.float32).tobytes(): k for k, v in _float_state(tagged).items()}
+    mapping = {}
+    for t in proto.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(t)
+        k = by_bytes.get(a.tobytes())
+        if k is not None:
+            mapping[t.name] = k
+        elif a.size > 1:
+            raise ValueError(f"initializer '{t.name}' {a.shape} is not a parameter of the module")
+    return proto, mapping
+
+
+def write_state(proto: onnx.ModelProto, mapping: dict, net: torch.nn.Module) -> onnx.ModelProto:
+    m = copy.deepcopy(proto)
+    st = net.state_dict()
+    for t in m.graph.initializer:
+        if t.name in mapping:
+            t.CopyFrom(numpy_helper.from_array(st[mapping[t.name]].detach().numpy().astype(np.float32), t.name))
+    return m
+
+
+def twin(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The same model with every float parameter and buffer multiplied by 1 + 2^-10 * U(-1, 1): its fp16
+    rounding errors are a fresh realization, its behaviour is the same to 1e-3."""
+    g = torch.Generator().manual_seed(777 + seed)
+    b = copy.deepcopy(net)
+    with torch.no_grad():
+        for v in _float_state(b).values():
+            v.mul_(1 + (torch.rand(v.shape, generator=g, dtype=torch.float64) * 2 - 1) * 2 ** -10)
+    return b
+
+
+def reference(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        r = copy.deepcopy(net).double()(torch.from_numpy(x.astype(np.float64)))
+    return (r[0] if isinstance(r, (tuple, list)) else r).numpy()
+
+
+def _bn_param_names(m: onnx.ModelProto) -> set:
+    return {i for n in m.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:5]}
+
+
+def round_params(m: onnx.ModelProto, names) -> onnx.ModelProto:
+    """``m`` (fp32) with the float initializers ``names`` rounded to fp16 and stored back in fp32."""
+    out = copy.deepcopy(m)
+    for t in out.graph.initializer:
+        if t.name in names and t.data_type == onnx.TensorProto.FLOAT:
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(a.astype(np.float16).astype(np.float32), t.name))
+    return out
+
+
+def params_only(m16: onnx.ModelProto, exact: onnx.ModelProto | None = None, keep=None) -> onnx.ModelProto:
+    """bnfold's fp16 model as an fp32 graph: its fp16 initializers upcast exactly, every Cast to fp32 (no
+    activation is rounded). With ``exact`` (bnfold's fp32 fold), the initializers for which ``keep(name,
+    fp16_values, exact_values)`` is true take the exact value instead."""
+    out = emulate(m16, round_activations=False)
+    ex = {t.name: numpy_helper.to_array(t) for t in exact.graph.initializer} if exact is not None else {}
+    for t in out.graph.initializer:
+        if keep is not None and t.name in ex and t.data_type == onnx.TensorProto.FLOAT:
+            a = numpy_helper.to_array(t)
+            e = ex[t.name]
+            if e.shape == a.shape:
+                sel = keep(t.name, a, e)
+                if sel is not None and np.any(sel):
+                    t.CopyFrom(numpy_helper.from_array(np.where(sel, e, a).astype(np.float32), t.name))
+    return out
+
+
+def _conv_slots(m: onnx.ModelProto) -> tuple[set, set]:
+    w, b = set(), set()
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            w.update(n.input[1:2])
+            b.update(n.input[2:3])
+        elif n.op_type == "Add":
+            b.update(n.input[1:2])
+    return w, b
+
+
+def realize(kind: str, name: str, shape: tuple, bn: str, seed: int, samples: int, base: onnx.ModelProto | None,
+            mapping: dict | None, attribute: bool) -> dict:
+    """One realization: fresh weights and BN statistics (``seed``), ``samples`` fresh inputs; the errors of
+    bnfold fp16, onnxconverter-common on the unfolded model, on bnfold's fp32 fold and on the twin (A/A)."""
+    net = build_seeded(kind, name, seed)
+    net = (wide_bn if bn == "wide" else load_zoo().randomize_bn)(net, seed=seed).eval()
+    x = np.random.default_rng(10_000 + seed).standard_normal((samples,) + tuple(shape[1:])).astype(np.float32)
+    ref = reference(net, x)
+    net_b = twin(net, seed)
+    ref_b = reference(net_b, x)
+    if base is not None:
+        unfolded, unfolded_b = write_state(base, mapping, net), write_state(base, mapping, net_b)
+    else:
+        unfolded = export_onnx(net, (torch.from_numpy(x[:1]),), keep_bn=True)
+        unfolded_b = export_onnx(net_b, (torch.from_numpy(x[:1]),), keep_bn=True)
+    folded32, _ = fold_model(unfolded)
+    m16, rep = fold_to_dtype(unfolded, precision=PrecisionOptions(dtype="fp16", samples=8, seed=seed))
+    p = rep.extra["precision"]
+    cands = {"bnfold_fp16": m16, "occ_fp16_unfolded": occ_convert(unfolded), "occ_fp16_folded": occ_convert(folded32),
+             "occ_fp16_twin": occ_convert(unfolded_b)}
+    out = {"seed": seed, "kept": len(p["kept_fp32"]), "subnormal": p["subnormal"] + p["zero"],
+           "ref_max_abs": float(np.abs(ref).max()),
+           "_pending": (unfolded, x, ref)}  # for ModelOpt, converted in one batch per row
+    for c, m in cands.items():
+        if isinstance(m, str):
+            return {"seed": seed, "error": m}
+        r = ref_b if c == "occ_fp16_twin" else ref
+        e, em = errors(run(m, x), r), errors(run(emulate(m), x), r)
+        out[c] = {"max": e["max_rel"], "mean": e["mean_rel"], "emu_max": em["max_rel"], "emu_mean": em["mean_rel"]}
+    if attribute:
+        w, b = _conv_slots(unfolded)
+        bnp = _bn_param_names(unfolded)
+        allp = {t.name for t in unfolded.graph.initializer}
+        fw, fb = _conv_slots(folded32)
+        variants = {
+            "unf_all": round_params(unfolded, allp), "unf_w": round_params(unfolded, w | b),
+            "unf_bn": round_params(unfolded, bnp), "fold_all": params_only(m16),
+            "fold_w": params_only(m16, folded32, lambda n, a, e: np.full(a.shape, n in fb)),
+            "fold_b": params_only(m16, folded32, lambda n, a, e: np.full(a.shape, n in fw)),
+            "fold_nosub": params_only(m16, folded32, lambda n, a, e: (n in fw) & (np.abs(a) < FP16_MIN_NORMAL)
+                                      & (e != 0)),
+        }
+        for k, m in variants.items():
+            e = errors(run(m, x), ref)
+            out[k] = {"max": e["max_rel"], "mean": e["mean_rel"]}
+    return out
+
+
+def _gm(v: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(v))))
+
+
+def ratio_stats(ratios: list[float]) -> dict:
+    """Geometric mean of the per-seed ratios, their min and max, and a 95% t-interval of the geometric mean."""
+    lr = np.log(np.asarray(ratios, np.float64))
+    n = len(lr)
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.0)
+    half = t * lr.std(ddof=1) / math.sqrt(n) if n > 1 else math.inf
+    return {"gm": float(np.exp(lr.mean())), "min": float(np.exp(lr.min())), "max": float(np.exp(lr.max())),
+            "lo": float(np.exp(lr.mean() - half)), "hi": float(np.exp(lr.mean() + half)),
+            "log_sd": float(lr.std(ddof=1)) if n > 1 else math.nan, "n": n}
+
+
+def verdict(stats: dict, wide: bool) -> str:
+    """The acceptance on a geometric-mean ratio with its interval: within 5% when the geometric mean is <= 1.05;
+    shown worse only when the whole interval lies above 1.05; for wide statistics "below" needs the geometric mean
+    under 1 (and says whether the interval is below 1 too)."""
+    gm, lo, hi = stats["gm"], stats["lo"], stats["hi"]
+    if wide:
+        if hi < 1:
+            return "below"
+        if gm < 1:
+            return "below (gm)"
+        return "NOT below" if lo > 1.05 else "not shown below"
+    if gm <= 1.05:
+        return "within 5%"
+    return "NOT within 5%" if lo > 1.05 else "within noise"
+
+
+def summarize(row: dict) -> dict:
+    """Per row: the ratios over seeds (:func:`ratio_stats`), the A/A ratios, the seeds where a converter's output
+    held an inf (then bnfold's error is below by definition; the ratio is taken over the other seeds), and the
+    verdicts (:func:`verdict`)."""
+    done = [r for r in row["seeds"] if "error" not in r]
+    fp32_max = float(np.finfo(np.float32).max)
+    s = {"n": len(done), "fp32_overflows": sum(1 for r in done if r.get("ref_max_abs", 0) > fp32_max)}
+    for pre in ("", "emu_"):
+        s[f"{pre}inf_occ"] = sum(1 for r in done if not math.isfinite(r["occ_fp16_unfolded"][f"{pre}max"]))
+        s[f"{pre}inf_bnfold"] = sum(1 for r in done if not math.isfinite(r["bnfold_fp16"][f"{pre}max"]))
+        for k in ("max", "mean"):
+            key = f"{pre}{k}"
+
+            def fine(r, c, key=key):
+                return c in r and "skipped" not in r[c] and math.isfinite(r[c][key]) and r[c][key] > 0
+
+            ok = [r for r in done if fine(r, "bnfold_fp16") and fine(r, "occ_fp16_unfolded")]
+            if len(ok) >= 2:
+                s[f"ratio_{key}"] = ratio_stats([r["bnfold_fp16"][key] / r["occ_fp16_unfolded"][key] for r in ok])
+            aa = [r for r in ok if fine(r, "occ_fp16_twin")]
+            if len(aa) >= 2:
+                s[f"aa_{key}"] = ratio_stats([r["occ_fp16_twin"][key] / r["occ_fp16_unfolded"][key] for r in aa])
+            mo = [r for r in done if fine(r, "bnfold_fp16") and fine(r, "modelopt_fp16")]
+            if len(mo) >= 2:
+                s[f"modelopt_{key}"] = ratio_stats([r["bnfold_fp16"][key] / r["modelopt_fp16"][key] for r in mo])
+            fo = [r for r in ok if fine(r, "occ_fp16_folded")]
+            if len(fo) >= 2:
+                s[f"folded_{key}"] = ratio_stats([r["occ_fp16_folded"][key] / r["occ_fp16_unfolded"][key]
+                                                  for r in fo])
+    if "attribute" in row:
+        good = [r for r in done if all(math.isfinite(r[c]["max"]) for c in ("bnfold_fp16", "occ_fp16_unfolded"))]
+        for v in VARIANTS:
+            for k in ("max", "mean"):
+                vals = [r[v][k] for r in good if v in r and math.isfinite(r[v][k]) and r[v][k] > 0]
+                if vals:
+                    s[f"{v}_{k}"] = _gm(vals)
+        for k in ("max", "mean"):
+            if good:
+                s[f"bnfold_{k}"] = _gm([r["bnfold_fp16"][k] for r in good])
+                s[f"occ_{k}"] = _gm([r["occ_fp16_unfolded"][k] for r in good])
+    wide = row["bn"] == "wide"
+    for pre in ("", "emu_"):
+        parts = []
+        for k in ("max", "mean"):
+            st = s.get(f"ratio_{pre}{k}")
+            parts.append(verdict(st, wide) if st else ("below (occ inf)" if s[f"{pre}inf_occ"] else "n/a"))
+        v = " / ".join(parts)
+        if s[f"{pre}inf_occ"]:
+            v += f"; occ inf in {s[f'{pre}inf_occ']}/{s['n']}"
+        if s[f"{pre}inf_bnfold"]:
+            v += f"; bnfold inf in {s[f'{pre}inf_bnfold']}/{s['n']}"
+        if s["fp32_overflows"]:  # the float64 reference itself passes fp32's range: no reduced-precision row
+            v = f"n/a: the float64 reference passes fp32's range in {s['fp32_overflows']}/{s['n']} seeds"
+        s[f"verdict_{pre or 'cpu_'}"] = v
+    return s
+
+
+def evaluate_seeds(kind: str, name: str, bns: list[str], seeds: int, samples: int, attribute: bool,
+                   first_seed: int = 0) -> list[dict]:
+    t0 = time.perf_counter()
+    net0, shape = build(kind, name)
+    try:
+        base, mapping = tagged_export(net0, shape)
+    except ValueError:
+        base, mapping = None, None  # an export that derives initializers from parameters: export every seed
+    rows = []
+    for bn in bns:
+        row = {"model": name, "source": kind, "bn": bn, "samples": samples, "input": list(shape[1:]), "seeds": []}
+        if attribute:
+            row["attribute"] = True
+        for s in range(first_seed, first_seed + seeds):
+            row["seeds"].append(realize(kind, name, shape, bn, s, samples, base, mapping, attribute))
+        pending = [r.pop("_pending") for r in row["seeds"] if "_pending" in r]
+        converted = modelopt_convert_many([u for u, _, _ in pending])
+        for r, (_, x, ref), m in zip([r for r in row["seeds"] if "error" not in r], pending, converted):
+            if isinstance(m, str):
+                r["modelopt_fp16"] = {"skipped": m}
+                continue
+            try:
+                e, em = errors(run(m, x), ref), errors(run(emulate(m), x), ref)
+            except Exception as exc:
+                r["modelopt_fp16"] = {"skipped": f"does not run in ONNX Runtime CPU: {str(exc)[:120]}"}
+                continue
+            r["modelopt_fp16"] = {"max": e["max_rel"], "mean": e["mean_rel"], "emu_max": em["max_rel"],
+                                  "emu_mean": em["mean_rel"], "fp32_kept": modelopt_kept(m)}
+        row["summary"] = summarize(row)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    return rows
+
+
+def _r(st: dict | None) -> str:
+    if not st:
+        return "n/a"
+    return f"{st['gm']:.2f} [{st['lo']:.2f}, {st['hi']:.2f}]"
+
+
+def _avg(row: dict, key: str) -> str:
+    v = [r[key] for r in row["seeds"] if key in r]
+    return f"{np.mean(v):.3g}" if v else "n/a"
+
+
+def markdown_seeds(rows: list[dict], meta: dict) -> str:
+    n = max((r["summary"]["n"] for r in rows), default=0)
+    lines = [f"# Reduced precision over independent realizations ({meta['date']})", "",
+             f"ONNX Runtime {meta['onnxruntime']} (CPU provider, optimizations off), torch {meta['torch']}; "
+             f"{meta['seeds']} realizations per model (fresh weights, BN statistics and "
+             f"{rows[0]['samples'] if rows else 0} random normal inputs per seed). Ratio = bnfold fp16 error / "
+             "onnxconverter-common fp16 error of the same unfolded model (max and mean of |out - ref| / max|ref| "
+             "against float64), per seed; cells: geometric mean over seeds [95% t-interval of it]. *A/A*: the same "
+             "ratio for onnxconverter-common on a twin of the model (every parameter moved by 2^-10 relative: a "
+             "second, equally valid rounding) against onnxconverter-common on the model: what chance alone gives. "
+             "*cpu*: as ONNX Runtime's CPU provider runs the fp16 models (parameters rounded, activations not); "
+             "*emulated*: every fp16 tensor rounded after its producer. Acceptance: typical statistics, geometric "
+             "mean <= 1.05 (NOT when the whole interval is above 1.05, *within noise* otherwise); wide, geometric "
+             "mean < 1 (*below* when the whole interval is).", "",
+             "| model | BN | n | ratio max (cpu) | ratio mean (cpu) | A/A max (cpu) | A/A mean (cpu) | ratio max "
+             "(emulated) | ratio mean (emulated) | A/A max (emu) | A/A mean (emu) | occ unfolded inf (emu) | "
+             "verdict cpu | verdict emulated | bnfold / ModelOpt max, mean (cpu) | bnfold / ModelOpt max, mean "
+             "(emu) | bnfold kept fp32 / sub+zero (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    if meta.get("extra_seeds"):  # rows merged with more seeds of the same model (column n)
+        lines[2] += " More seeds: " + "; ".join(meta["extra_seeds"]) + "."
+    if meta.get("notes"):
+        lines[2] += " Notes: " + "; ".join(meta["notes"]) + "."
+    for r in rows:
+        s = r["summary"]
+        lines.append(f"| {r['model']} | {r['bn']} | {s['n']} | " + " | ".join(
+            _r(s.get(k)) for k in ("ratio_max", "ratio_mean", "aa_max", "aa_mean", "ratio_emu_max",
+                                   "ratio_emu_mean", "aa_emu_max", "aa_emu_mean"))
+            + f" | {s['emu_inf_occ']} | {s.get('verdict_cpu_', 'n/a')} | {s.get('verdict_emu_', 'n/a')} | "
+            + " | ".join(f"{_r(s.get(f'modelopt_{p}max'))}, {_r(s.get(f'modelopt_{p}mean'))}" for p in ("", "emu_"))
+            + f" | {_avg(r, 'kept')} / {_avg(r, 'subnormal')} |")
+    mo = {r2.get("modelopt_fp16", {}).get("skipped") for r in rows for r2 in r["seeds"]} - {None}
+    if mo:
+        lines += ["", "ModelOpt: " + "; ".join(sorted(mo))]
+    for bn in sorted({r["bn"] for r in rows}, reverse=True):
+        aa = [r["summary"][k]["log_sd"] for r in rows if r["bn"] == bn for k in ("aa_max", "aa_mean")
+              if k in r["summary"] and math.isfinite(r["summary"][k]["log_sd"])]
+        rr = [r["summary"][k]["log_sd"] for r in rows if r["bn"] == bn for k in ("ratio_max", "ratio_mean")
+              if k in r["summary"] and math.isfinite(r["summary"][k]["log_sd"])]
+        if aa and rr:
+            sd = float(np.median(aa))
+            n = int(np.median([r["summary"]["n"] for r in rows if r["bn"] == bn]))
+            lines += ["", f"Calibration, {bn} statistics (cpu): seed-to-seed spread (sd of log ratio), median over "
+                          f"rows: A/A {sd:.2f} (two equally valid roundings differ by a factor of {math.exp(sd):.2f}"
+                          f" typically), bnfold/occ {float(np.median(rr)):.2f}. With {n} seeds (the median row) a "
+                          f"geometric mean is known to about x{math.exp(2 * sd / math.sqrt(max(n, 1))):.2f} "
+                          "(2 standard errors); "
+                          "one realization (the old single-seed table) cannot judge a 5% criterion."]
+    att = [r for r in rows if "attribute" in r]
+    if att:
+        lines += ["", "Attribution (cpu setting: fp32 arithmetic, parameters rounded to fp16 as listed; geometric "
+                      "mean over seeds of max / mean error):", ""]
+        lines += [f"- `{k}`: {v}" for k, v in VARIANTS.items()]
+        cols = ["occ", "unf_all", "unf_w", "unf_bn", "bnfold", "fold_all", "fold_w", "fold_b", "fold_nosub"]
+        lines += ["", "| model | BN | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+        for r in att:
+            s = r["summary"]
+            lines.append(f"| {r['model']} | {r['bn']} | " + " | ".join(
+                f"{s[c + '_max']:.2e} / {s[c + '_mean']:.2e}" if c + "_max" in s else "n/a" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -319,31 +751,46 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def latency(keep: dict, ep: str, iters: int, out: Path) -> None:
+def latency(keep: dict, ep: str, iters: int, out: Path, tag: str = "") -> None:
+    """Time every kept model of a row in one :func:`bnfold.bench.bench` call (sessions, balanced order,
+    intervals; ratios against the first, bnfold's fp32 fold). Quiet machine only."""
     from bnfold.bench import bench
 
     results = {}
+    lines = [f"# fp16 latency, ONNX Runtime {ort.__version__} ({ep}, optimizations all, batch 1, {iters} iterations)",
+             "", "On the CPU provider an fp16 node without an fp16 kernel runs in fp32 between Casts the runtime "
+             "inserts: these times say what that costs, not what fp16 arithmetic gains (a GPU run says that).", "",
+             "| model | BN | candidate | p50 ms | 95% CI ms | ratio to bnfold_fp32 [95% CI] |",
+             "|---|---|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as d:
         for key, models in keep.items():
-            paths, labels = [], []
-            for label, m in models.items():
+            order = ["bnfold_fp32"] + [k for k in models if k != "bnfold_fp32"]
+            paths = []
+            for label in order:
                 p = Path(d) / f"{key}-{label}.onnx"
-                onnx.save(m, p)
+                onnx.save(models[label], p)
                 paths.append(p)
-                labels.append(label)
-            r = bench(paths, eps=[ep], opt_levels=["all"], batches=[1], iters=iters, labels=labels)
-            results[key] = r.to_dict()
-            print(f"latency {key}: " + ", ".join(f"{Path(x['model']).stem.split('-')[-1]} {x['p50_ms']:.3f} ms"
-                                                 for x in r.to_dict()["results"]), flush=True)
-    (out / "precision_latency.json").write_text(json.dumps(results, indent=1) + "\n")
+            r = bench(paths, eps=[ep], opt_levels=["all"], batches=[1], iters=iters, labels=order).to_dict()
+            results[key] = r
+            model, bn = key.rsplit("-", 1)
+            for x in r["results"]:
+                lo, hi = x.get("ci95_ms") or (math.nan, math.nan)
+                rl, rh = x.get("ratio_ci95") or (math.nan, math.nan)
+                lines.append(f"| {model} | {bn} | {x['model']} | {x['p50_ms']:.4f} | {lo:.4f} - {hi:.4f} | "
+                             f"{x.get('ratio', math.nan):.3f} [{rl:.3f}, {rh:.3f}] |")
+            print(f"latency {key}: " + ", ".join(f"{x['model']} {x['p50_ms']:.3f} ms" for x in r["results"]),
+                  flush=True)
+    (out / f"precision_latency{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"precision_latency{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 def write(args, rows: list[dict]) -> None:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
             "torch": torch.__version__, "python": platform.python_version(), "samples": args.samples}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"precision{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / f"precision{args.tag}.md").write_text(markdown(rows, meta))
+    (args.out / f"precision_single{args.tag}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"precision_single{args.tag}.md").write_text(markdown(rows, meta))
 
 
 def main(argv=None) -> int:
@@ -357,7 +804,30 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. _smoke)")
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="independent realizations per model (the acceptance table, precision_seeds*.md)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--attribute", action="store_true", help="with --seeds: fp32 runs that take the error apart")
+    ap.add_argument("--render", type=Path, help="rewrite the .md of a --seeds result .json (nothing is run)")
+    ap.add_argument("--modelopt-python", help="python of a venv with nvidia-modelopt[onnx] (run there, as files)")
     args = ap.parse_args(argv)
+    if args.render:
+        d = json.loads(args.render.read_text())
+        for r in d["rows"]:
+            r["summary"] = summarize(r)
+        args.render.with_suffix(".md").write_text(markdown_seeds(d["rows"], d["meta"]))
+        for r in d["rows"]:  # the README's compact rows
+            s = r["summary"]
+
+            def cell(pre, s=s):
+                a, b = s.get(f"ratio_{pre}max"), s.get(f"ratio_{pre}mean")
+                if s["fp32_overflows"]:
+                    return "n/a"
+                return f"{a['gm']:.2f} / {b['gm']:.2f}" if a and b else "occ inf"
+            v = s["verdict_cpu_"] if s["verdict_cpu_"] == s["verdict_emu_"] else \
+                f"{s['verdict_cpu_']}; emulated: {s['verdict_emu_']}"
+            print(f"| {r['model']} | {r['bn']} | {s['n']} | {cell('')} | {cell('emu_')} | {v} |")
+        return 0
     zoo = load_zoo()
     wanted: list[tuple[str, str]] = []
     for item in args.models.split(","):
@@ -367,6 +837,10 @@ def main(argv=None) -> int:
             wanted += [("tv", n) for n in TV_MODELS]
         else:
             wanted.append(("zoo" if item in zoo.names() else "tv", item))
+    global MODELOPT_PYTHON
+    MODELOPT_PYTHON = args.modelopt_python
+    if args.seeds:
+        return main_seeds(args, wanted)
     rows, keep = [], ({} if args.latency else None)
     for kind, name in wanted:
         for bn in args.bn.split(","):
@@ -383,7 +857,33 @@ def main(argv=None) -> int:
             write(args, rows)  # after every model: an interrupted run keeps what it measured
     write(args, rows)
     if keep is not None:
-        latency(keep, args.ep, args.iters, args.out)
+        latency(keep, args.ep, args.iters, args.out, args.tag)
+    return 0
+
+
+def main_seeds(args, wanted) -> int:
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "samples": args.samples,
+            "seeds": args.seeds, "first_seed": args.first_seed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind, name in wanted:
+        try:
+            got = evaluate_seeds(kind, name, args.bn.split(","), args.seeds, args.samples, args.attribute,
+                                 args.first_seed)
+        except Exception as exc:  # recorded, not fatal
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        for row in got:
+            rows.append(row)
+            s = row["summary"]
+            print(f"{name} ({row['bn']}): ratio max {_r(s.get('ratio_max'))} mean {_r(s.get('ratio_mean'))}, "
+                  f"A/A max {_r(s.get('aa_max'))} mean {_r(s.get('aa_mean'))}; emulated {_r(s.get('ratio_emu_max'))}"
+                  f" / {_r(s.get('ratio_emu_mean'))}; {s.get('verdict_cpu_')}, {s.get('verdict_emu_')} "
+                  f"[{row['seconds']} s]", flush=True)
+        (args.out / f"precision{args.tag}.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        (args.out / f"precision{args.tag}.md").write_text(markdown_seeds(rows, meta))
     return 0
 
 

@@ -16,8 +16,10 @@ the model follows:
    (``fp16_overflow``), an input or output whose magnitude times ``headroom`` passes the largest finite value
    (``fp16_activation_overflow``), an op that ONNX Runtime's CPU or CUDA provider cannot run in the target
    dtype (``no_fp16_kernel``), a custom-domain op (``custom_domain``) or a control-flow node, whose boundary stays
-   as it was while its body is converted (``control_flow``). With ``strict_range`` a range problem raises
-   :class:`RangeCheckFailed` instead.
+   as it was while its body is converted (``control_flow``). An op that only moves values (Reshape, Concat...)
+   next to an fp32 node stays fp32 with it (``follows_fp32``: the Cast moves to the next compute node, where ONNX
+   Runtime's CPU provider drops it instead of rounding an activation; identical values on an fp16 runtime). With
+   ``strict_range`` a range problem raises :class:`RangeCheckFailed` instead.
 4. **Convert.** Initializers, ``Constant``/``ConstantOfShape`` values, ``Cast`` targets and value_info follow the
    decisions; a ``Cast`` is inserted wherever a tensor's dtype differs from what its reader runs in, in the main
    graph and in every subgraph. Graph inputs and outputs keep fp32 (a Cast at each boundary) unless
@@ -68,6 +70,16 @@ Where Xor
 #: Data-movement ops are left out too: rounding an fp32 activation to bf16 between two fp32 ops only loses bits.
 BF16_OPS: frozenset = frozenset()
 
+#: Ops that only move or select values: rounding commutes with them (``round(op(x)) == op(round(x))``), so the
+#: side of them a Cast sits on changes no value. Next to an fp32 node they stay fp32 too (``follows_fp32``), which
+#: puts the Cast at the next compute node: a runtime that computes that node in fp32 anyway (ONNX Runtime's CPU
+#: provider, for every fp16 op but a few) then drops the Cast pair instead of rounding the activation, as it does
+#: for a model converted whole; an fp16 runtime computes exactly what it did.
+MOVE_OPS = frozenset("""
+Concat DepthToSpace Expand Flatten Gather GatherElements GatherND Identity Reshape Slice SpaceToDepth Split Squeeze
+Tile Transpose Unsqueeze
+""".split())
+
 #: Why a node stays in fp32 (stable codes; scripts may rely on them). ``{t}`` is the target (fp16, bf16).
 REASONS = {
     "{t}_overflow": "a weight, bias or constant of the node would overflow the target dtype (a finite value would "
@@ -78,6 +90,9 @@ REASONS = {
     "custom_domain": "an op outside the default ONNX domain: its kernels are unknown",
     "control_flow": "an If/Loop/Scan node: its inputs and outputs keep their dtype; its body is converted",
     "unknown_type": "shape inference could not type an output of the node, so it stays as it was",
+    "follows_fp32": "an op that only moves values (Reshape, Concat...) reading from or read only by fp32 nodes, or "
+                    "a Constant a reader takes in fp32: it stays fp32 with them, so the Cast sits at the next "
+                    "compute node (the values are identical)",
 }
 _RANGE_REASONS = ("{t}_overflow", "{t}_activation_overflow")
 
@@ -529,8 +544,9 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
                 msg = f"ONNX Runtime's CPU or CUDA provider cannot run {node.op_type} in {tgt.name}"
             modes[key] = ("keep" if reason else "low", reason)
             layers.append(_layer_row(mg, g.index, node, floats_in, floats_out, tensors, acts, tgt, reason, msg))
-    # a constant is made in the target only when every reader takes it so (Resize's scales stay fp32: exact)
     rows = {(r.graph, r.node): r for r in layers}
+    _follow_fp32(mg, types, modes, rows, tgt, options.io_dtype)
+    # a constant is made in the target only when every reader takes it so (Resize's scales stay fp32: exact)
     for g in mg.graphs:
         for i, node in enumerate(g.nodes):
             if node.op_type not in ("Constant", "ConstantOfShape") or modes[(g.index, i)][0] != "low" \
@@ -543,7 +559,8 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
                     modes[(g.index, i)] = ("keep", None)
                     r = rows.get((mg.graph_name(g.index), _label(node)))
                     if r is not None:
-                        r.runs_in, r.message = "fp32", "a reader takes it in fp32: kept exact"
+                        r.runs_in, r.reason = "fp32", "follows_fp32"
+                        r.message = "a reader takes it in fp32: kept exact"
                     break
 
     report = PrecisionReport(tgt.name, tgt.name if options.io_dtype else "fp32", tgt.max_finite,
@@ -562,6 +579,54 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
     if options.check_runtime:
         report.providers = _check_runs(model, feeds[0])
     return report
+
+
+def _follow_fp32(mg: ModelGraph, types: ModelGraph, modes: dict, rows: dict, tgt: Target, io_dtype: bool) -> None:
+    """Keep in fp32 every value-moving node (:data:`MOVE_OPS`) that reads a float tensor from an fp32 node, or
+    whose float outputs are read only by fp32 nodes (``follows_fp32``), until nothing changes."""
+    def fp32_node(gi: int, idx: int) -> bool:
+        mode, reason = modes.get((gi, idx), ("low", None))
+        return mode == "keep" and reason is not None  # a kept Constant (reason None) follows its readers
+
+    changed = True
+    while changed:
+        changed = False
+        for g in mg.graphs:
+            for i, node in enumerate(g.nodes):
+                if modes.get((g.index, i), ("keep",))[0] != "low" or node.op_type not in MOVE_OPS \
+                        or not is_default_domain(node):
+                    continue
+                why = None
+                for n in node.input:
+                    b = mg.resolve(g.index, n) if n else None
+                    p = mg.producer(b) if b is not None and _float_type(types, g.index, n, tgt) else None
+                    if p is not None and p[0].graph == g.index and fp32_node(g.index, p[0].index):
+                        why = f"reads '{n}' from fp32 node '{_label(g.nodes[p[0].index])}'"
+                        break
+                if why is None:
+                    readers = []
+                    for o in node.output:
+                        if not o or not _float_type(types, g.index, o, tgt):
+                            continue
+                        for u in mg.uses.get(Binding(g.index, o), ()):
+                            if u.node is None or u.graph != g.index:
+                                readers = []  # a graph output or a subgraph reader: left as it is
+                                break
+                            if _expect_dtype(g.nodes[u.node], u.slot, "low", tgt) is not None:
+                                readers.append(u.node)
+                        else:
+                            continue
+                        break
+                    if readers and all(fp32_node(g.index, r) for r in readers):
+                        why = f"its outputs are read only by fp32 nodes ('{_label(g.nodes[readers[0]])}')"
+                if why is None:
+                    continue
+                modes[(g.index, i)] = ("keep", "follows_fp32")
+                r = rows.get((mg.graph_name(g.index), _label(node)))
+                if r is not None:
+                    r.runs_in, r.reason = "fp32", "follows_fp32"
+                    r.message = f"only moves values; {why}: stays fp32 with it (identical values)"
+                changed = True
 
 
 def _layer_row(mg, gi, node, floats_in, floats_out, tensors, acts, tgt, reason, msg) -> LayerRange:

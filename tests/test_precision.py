@@ -254,6 +254,65 @@ def test_unfolded_activation_overflow_keeps_the_node_fp32():
         fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16", strict_range=True))
 
 
+def test_value_moving_ops_next_to_fp32_nodes_stay_fp32_so_the_cpu_rounds_no_activation():
+    """A Transpose read only by an fp32-kept conv and a Flatten reading from an fp32-kept conv stay fp32
+    (``follows_fp32``): the Cast to fp16 sits right before the next compute node (the Gemm), not before the
+    Flatten. The values an fp16 runtime computes are identical; ONNX Runtime's CPU provider, which runs the fp16
+    Gemm in fp32 between Casts of its own, then drops the Cast pair, so no activation is rounded, as in a model
+    converted whole (before: the Flatten, which has an fp16 CPU kernel, stored the conv's output in fp16)."""
+    g = G(seed=3)
+    x = g.input("x", [2, 3, 6, 6])
+    t = g.node("Transpose", [x], name="transpose", perm=[0, 1, 3, 2])
+    y = g.node("Conv", [t, g.const(np.clip(g.rand(8, 3, 3, 3), -2, 2) * 2e4, "W1")], name="conv1")  # ~1e5
+    y = g.node("Conv", [y, g.const(g.rand(4, 8, 1, 1) * 1e-3, "W2")], name="conv2")  # input ~1e5: kept
+    y = g.node("Flatten", [y], name="flatten")
+    w3, b3 = g.rand(5, 4 * 4 * 4), g.rand(5)
+    y = g.node("Gemm", [y, g.const(w3, "W3"), g.const(b3, "B3")], name="gemm", transB=1)
+    model = g.model([y])
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    rows = {r["node"]: r for r in report.extra["precision"]["layers"]}
+    assert rows["conv1"]["reason"] == rows["conv2"]["reason"] == "fp16_activation_overflow"
+    assert rows["transpose"]["reason"] == rows["flatten"]["reason"] == "follows_fp32"
+    assert {k["node"] for k in report.extra["precision"]["kept_fp32"]} == {"transpose", "conv1", "conv2", "flatten"}
+    assert rows["gemm"]["runs_in"] == "fp16"
+    produced = {o: n for n in out.graph.node for o in n.output}
+    gemm = next(n for n in out.graph.node if n.name == "gemm")
+    cast = produced[gemm.input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == F16 and produced[cast.input[0]].name == "flatten"
+    assert assert_valid(out) is not None
+    f = random_feeds(model)
+    got = run_ort(out, f)[0]
+    close_fp16(got, reference(model, f)[0])
+    # on the CPU: exactly the fp32 model with the Gemm's parameters rounded to fp16, no activation rounded
+    params = onnx.ModelProto()
+    params.CopyFrom(model)
+    for t in params.graph.initializer:
+        if t.name in ("W3", "B3"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32),
+                                               t.name))
+    want = run_ort(params, f)[0]
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_a_float_constant_read_by_an_fp32_kept_node_is_listed_with_a_reason():
+    """A Constant whose reader stays fp32 stays fp32 too, listed as ``follows_fp32`` (before: listed with no
+    reason, and the report's summary failed sorting None against the other reasons)."""
+    g = G(seed=4)
+    x = g.input("x", [1, 3, 6, 6])
+    y = g.node("Conv", [x, g.const(np.clip(g.rand(4, 3, 3, 3), -2, 2) * 3e4, "W")], name="conv")  # ~1e6
+    c = g.node("Constant", [], name="half", value=numpy_helper.from_array(np.array(0.5, np.float32)))
+    y = g.node("Max", [y, c], name="max")  # not an affine op: not folded into the conv
+    model = g.model([y])
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    p = report.extra["precision"]
+    kept = {k["node"]: k["reason"] for k in p["kept_fp32"]}
+    assert kept == {"conv": "fp16_activation_overflow", "half": "follows_fp32", "max": "fp16_activation_overflow"}
+    assert "follows_fp32 1" in p["summary"]
+    assert_valid(out)
+    f = random_feeds(model)
+    np.testing.assert_allclose(run_ort(out, f)[0], reference(model, f)[0], rtol=1e-2, atol=1e-2 * 1e6)
+
+
 def test_underflow_is_counted_with_its_worst_channel():
     gamma = np.ones(8)
     gamma[5] = 1e-6  # channel 5's folded weights fall below fp16's normal range (6.1e-5), some to zero

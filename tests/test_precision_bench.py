@@ -1,0 +1,66 @@
+"""benchmarks/precision.py's statistics and emulation against their own claims: the acceptance verdict over
+seeds simulated under its null (equal accuracy: "NOT within 5%" at most at the interval's one-sided level) and
+under a real 1.5x difference (named), and the emulation rounding what an fp16 model rounds (an explicit Cast to
+fp16 included)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bnfold_precision_bench", ROOT / "benchmarks" / "precision.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_verdict_under_its_null_and_under_a_real_difference(bench, n):
+    rng = np.random.default_rng(0)
+    trials = 2000
+    # null: bnfold and occ equally accurate; per-seed log-ratios spread as the A/A runs measured (sd ~0.35)
+    null = [bench.verdict(bench.ratio_stats(np.exp(rng.normal(0, 0.35, n))), wide=False) for _ in range(trials)]
+    false_alarm = sum(v == "NOT within 5%" for v in null) / trials
+    assert false_alarm <= 0.03  # the 95% interval's upper tail: 2.5%, plus simulation noise
+    assert sum(v == "within 5%" for v in null) / trials > 0.4  # a fair coin around 1.05, not a rubber stamp
+    worse = [bench.verdict(bench.ratio_stats(np.exp(rng.normal(np.log(1.5), 0.35, n))), wide=False)
+             for _ in range(trials)]
+    # power to name a real 1.5x: ~30% with 4 seeds, ~70% with 8 (the results say so)
+    assert sum(v == "NOT within 5%" for v in worse) / trials > (0.2 if n == 4 else 0.6)
+    wide_better = [bench.verdict(bench.ratio_stats(np.exp(rng.normal(np.log(0.6), 0.35, n))), wide=True)
+                   for _ in range(trials)]
+    assert sum(v.startswith("below") for v in wide_better) / trials > 0.95
+
+
+def test_ratio_stats_interval_contains_the_geometric_mean(bench):
+    st = bench.ratio_stats([0.5, 1.0, 2.0])
+    assert st["gm"] == pytest.approx(1.0)
+    assert st["lo"] < 1.0 < st["hi"] and st["min"] == pytest.approx(0.5) and st["max"] == pytest.approx(2.0)
+
+
+def test_emulate_rounds_an_explicit_cast_to_fp16(bench):
+    """x -> Cast(fp16) -> Cast(fp32): emulated, x is rounded to fp16 by the Cast (it was not before)."""
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["x16"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = (np.random.default_rng(1).standard_normal((1, 64)) * 3).astype(np.float32)
+    want = x.astype(np.float16).astype(np.float64)
+    assert not np.array_equal(want, x)  # the rounding is visible
+    np.testing.assert_array_equal(bench.run(bench.emulate(m), x), want)
+    np.testing.assert_array_equal(bench.run(bench.emulate(m, round_activations=False), x), x)
