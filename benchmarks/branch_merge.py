@@ -157,11 +157,11 @@ def markdown(rows: list[dict], config: dict) -> str:
             if "branched_p50_ms" not in r:
                 continue
 
-            def ms(k):
+            def ms(k, r=r):
                 lo, hi = r[f"{k}_ci95_ms"]
                 return f"{r[f'{k}_p50_ms']:.2f} [{lo:.2f}, {hi:.2f}]"
 
-            def ratio(k):
+            def ratio(k, r=r):
                 lo, hi = r[f"{k}_ratio_ci95"]
                 return f"{r[f'{k}_ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
             lines.append(f"| {r['model']} | {ms('branched')} | {ms('bnfold')} | {ms('timm')} | {ratio('bnfold')} | "

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import count_bn, outputs, protofile
 from bnfold.cli.main import main
+from bnfold.errors import BnfoldError
 from bnfold.fold import cyclic_gc_paused, fold_onnx_file
 from bnfold.graph import ModelGraph
 
@@ -154,7 +155,7 @@ def test_a_fold_makes_no_cyclic_collections_and_restores_the_collector(chains, t
         fold_onnx_file(chains / "chain_300.onnx", tmp_path / "o.onnx")
         assert events == []  # every automatic collection walks the whole heap: superlinear in a large fold
         assert gc.isenabled()
-        with pytest.raises(Exception):
+        with pytest.raises(BnfoldError):
             fold_onnx_file(tmp_path / "missing.onnx", tmp_path / "o2.onnx")
         assert gc.isenabled()
     finally:
