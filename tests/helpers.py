@@ -214,3 +214,41 @@ def round_bf16_reference(x: np.ndarray):
         pick = bits if d_lo < d_hi or (d_lo == d_hi and not (int(bits) >> 16) & 1) else hi_bits
         out[i] = (np.uint32(pick) >> np.uint32(16)).astype(np.uint16).view(ml_dtypes.bfloat16)
     return out
+
+
+def crash_in_child(fn, crash_at: int | None, calls: tuple[str, ...], mode: str = "exit") -> int:
+    """Run ``fn`` in a forked child whose ``crash_at``-th call of the ``os`` functions named in ``calls`` crashes
+    it (``exit``: os._exit, no cleanup; ``raise``: an OSError, so cleanup runs). The child gets its own temp
+    folder, removed afterwards (a crashed child leaves what it had there). Returns the child's exit code
+    (0 = completed)."""
+    import os
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="bnfold-crash-")
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            tempfile.tempdir = scratch
+            count = [0]
+
+            def wrap(real):
+                def call(*a, **k):
+                    if crash_at is not None and count[0] == crash_at:
+                        if mode == "exit":
+                            os._exit(77)
+                        count[0] += 1
+                        raise OSError(28, "injected failure")
+                    count[0] += 1
+                    return real(*a, **k)
+                return call
+            for name in calls:
+                if hasattr(os, name):
+                    setattr(os, name, wrap(getattr(os, name)))
+            fn()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return os.waitstatus_to_exitcode(status)

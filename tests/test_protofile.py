@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from bnfold.onnx_fold import FoldOptions, fold_model
 from bnfold.onnx_io import load_model, save_model
 from bnfold.rules.base import Param
 
-from .helpers import G, random_feeds, run_ort
+from .helpers import G, crash_in_child, random_feeds, run_ort
 
 
 @pytest.fixture(autouse=True)
@@ -365,6 +364,24 @@ def test_computed_tensors_are_read_again_from_their_recipes(tmp_path, monkeypatc
     assert (tmp_path / "out.onnx").exists()
 
 
+def _fold_peak_above_imports(src, dst) -> int:
+    """Bytes by which a fresh interpreter's own high-water mark (VmHWM) rises while it folds ``src`` to ``dst``,
+    after importing onnx, numpy and bnfold."""
+    code = textwrap.dedent(f"""
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        import onnx, numpy, bnfold.fold
+        base = hwm()
+        bnfold.fold.fold_onnx_file({str(src)!r}, {str(dst)!r})
+        print(hwm() - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(dst).parent)
+    return int(out.stdout.split()[-1])
+
+
 def test_peak_memory_of_a_fold_that_rewrites_every_weight(tmp_path):
     """VmHWM of a fresh interpreter (exec'd): a fold that rewrites every weight (38 MB of them, as in
     ResNet-50) holds one computed weight at a time, not all of them (the old code held them all: 48 MB)."""
@@ -376,18 +393,7 @@ def test_peak_memory_of_a_fold_that_rewrites_every_weight(tmp_path):
     folded = sum(t.ByteSize() for t in m.graph.initializer if len(t.dims) == 4)
     src = tmp_path / "m.onnx"
     onnx.save(m, src)
-    code = textwrap.dedent(f"""
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
-        import onnx, numpy, bnfold.fold
-        base = hwm()
-        bnfold.fold.fold_onnx_file({str(src)!r}, {str(tmp_path / 'new.onnx')!r})
-        print(hwm() - base)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
-    used = int(out.stdout.split()[-1])
+    used = _fold_peak_above_imports(src, tmp_path / "new.onnx")
     # one weight read and one computed (2.4 MB each), the checker's and shape inference's own memory: ~12 MB
     assert used < 0.5 * folded, (used, folded)
     assert [n.op_type for n in onnx.load(str(tmp_path / "new.onnx")).graph.node] == ["Conv"] * 16
@@ -503,18 +509,7 @@ def test_no_conv_read_means_no_file_read(tmp_path):
     m = g.model([y])
     src = tmp_path / "m.onnx"
     onnx.save(m, src)
-    code = textwrap.dedent(f"""
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
-        import onnx, numpy, bnfold.fold
-        base = hwm()
-        bnfold.fold.fold_onnx_file({str(src)!r}, {str(tmp_path / 'out.onnx')!r})
-        print(hwm() - base)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) < 0.25 * src.stat().st_size
+    assert _fold_peak_above_imports(src, tmp_path / "out.onnx") < 0.25 * src.stat().st_size
     assert onnx.load(str(tmp_path / "out.onnx")).graph == onnx.load(str(src)).graph
 
 
@@ -523,30 +518,7 @@ FS_CALLS = ("open", "write", "replace", "rename", "unlink", "fsync", "mkdir", "r
 
 
 def _in_child(fn, crash_at: int) -> int:
-    scratch = tempfile.mkdtemp(prefix="bnfold-crash-")  # what the crashed child leaves in its temp dir
-    pid = os.fork()
-    if pid == 0:
-        try:
-            tempfile.tempdir = scratch
-            count = [0]
-
-            def wrap(real):
-                def call(*a, **k):
-                    if count[0] == crash_at:
-                        os._exit(77)
-                    count[0] += 1
-                    return real(*a, **k)
-                return call
-            for name in FS_CALLS:
-                if hasattr(os, name):
-                    setattr(os, name, wrap(getattr(os, name)))
-            fn()
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return os.waitstatus_to_exitcode(status)
+    return crash_in_child(fn, crash_at, FS_CALLS)
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])

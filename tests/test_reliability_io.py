@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from bnfold.errors import Terminated
 from bnfold.onnx_io import save_model
 from bnfold.outputs import TMP_SUFFIX, critical_section, external_data_files, handle_signals
 
-from .helpers import G, random_feeds, run_ort
+from .helpers import G, crash_in_child, random_feeds, run_ort
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (POSIX)")
 
@@ -67,32 +66,7 @@ def temps(folder: Path) -> list[str]:
 def in_child(fn, crash_at: int | None, mode: str = "exit") -> int:
     """Run ``fn`` in a forked child whose k-th filesystem call crashes it (``exit``: os._exit, no cleanup;
     ``raise``: an OSError, so cleanup runs). Returns the child's exit code (0 = completed)."""
-    scratch = tempfile.mkdtemp(prefix="bnfold-crash-")  # what the crashed child leaves in its temp dir
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            tempfile.tempdir = scratch
-            count = [0]
-
-            def wrap(real):
-                def call(*a, **k):
-                    if crash_at is not None and count[0] == crash_at:
-                        if mode == "exit":
-                            os._exit(77)
-                        count[0] += 1
-                        raise OSError(28, "injected failure")
-                    count[0] += 1
-                    return real(*a, **k)
-                return call
-            for name in FS_CALLS:
-                setattr(os, name, wrap(getattr(os, name)))
-            fn()
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return os.waitstatus_to_exitcode(status)
+    return crash_in_child(fn, crash_at, FS_CALLS, mode)
 
 
 @pytest.mark.parametrize("mode", ["exit", "raise"])
