@@ -61,7 +61,8 @@ def _f64(a, n: int | None = None, fill: float = 0.0) -> np.ndarray:
     if a is None:
         assert n is not None
         return np.full((n,), fill, dtype=np.float64)
-    return np.asarray(a, dtype=np.float64).reshape(-1)
+    a = np.asarray(a, dtype=np.float64)
+    return a if a.ndim == 1 else a.reshape(-1)
 
 
 def bn_affine(gamma, beta, mean, var, eps: float, *, name: str = "BatchNorm") -> Affine:
@@ -153,6 +154,7 @@ def fold_backward(weight, bias, affine: Affine, *, layout: str = "out_in", group
 
 
 _NATIVE_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_SMALL = 4096  #: elements: below this, scale_cast computes a float64 copy (the same values, fewer numpy calls)
 
 
 def scale_cast(weight: np.ndarray, factor: np.ndarray, dtype, *, what: str) -> np.ndarray:
@@ -163,9 +165,13 @@ def scale_cast(weight: np.ndarray, factor: np.ndarray, dtype, *, what: str) -> n
     w = np.asarray(weight)
     if dtype not in _NATIVE_FLOATS or w.dtype not in _NATIVE_FLOATS:  # bfloat16 and friends: the plain path
         return cast_checked(w.astype(np.float64) * factor, dtype, what=what)
-    out = np.empty(np.broadcast_shapes(w.shape, np.shape(factor)), dtype=dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+    if w.size <= _SMALL:  # a small weight: a float64 copy costs less than the buffered ufunc's set-up
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (w.astype(np.float64) * factor).astype(dtype)
+    else:
+        out = np.empty(np.broadcast_shapes(w.shape, np.shape(factor)), dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
     if not np.isfinite(out).all():
         exact = w.astype(np.float64) * factor
         bad = np.flatnonzero((np.isfinite(exact) & ~np.isfinite(out)).reshape(-1))
@@ -216,6 +222,8 @@ def round_to(values, dtype) -> np.ndarray:
 def cast_checked(values: np.ndarray, dtype, *, what: str) -> np.ndarray:
     """Cast float64 ``values`` to ``dtype`` once; raise :class:`CastOverflow` if a finite value becomes inf."""
     out = round_to(values, dtype)
+    if out.dtype in _NATIVE_FLOATS and np.isfinite(out).all():
+        return out  # nothing became inf (the common case: one reduction)
     if np.issubdtype(np.asarray(values).dtype, np.floating):
         finite_in = np.isfinite(values)
         finite_out = np.isfinite(out.astype(np.float64))

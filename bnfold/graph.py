@@ -36,6 +36,7 @@ EVAL_OPS = frozenset({"Identity", "Cast", "CastLike", "ConstantOfShape", "Expand
 #: Ops whose output is a dequantized (quantized) tensor.
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear"})
 _MIN_EVAL_BYTES = 1 << 20
+_UNSEEN = object()
 _MAX_EVAL_DEPTH = 32
 
 
@@ -134,6 +135,7 @@ class ModelGraph:
         self.graphs: list[GraphScope] = []
         self.names: set[str] = set()
         self._walk(model.graph, None, None, "")
+        self._bound: list[dict[str, Binding | None]] = [{} for _ in self.graphs]  #: resolve()'s memo, per graph
         self.uses: dict[Binding, list[Use]] = {}
         self._resolve_uses()
         self._size_bound = size_bound
@@ -205,12 +207,14 @@ class ModelGraph:
         scope = self.graphs[graph]
         if scope.parent is not None:
             return lambda name: self.resolve(graph, name)
-        producer, inits, inputs = scope.producer, scope.inits, scope.inputs
+        producer, inits, inputs, seen = scope.producer, scope.inits, scope.inputs, self._bound[graph]
 
         def resolve_main(name: str) -> Binding | None:
-            if name in producer or name in inits or name in inputs:
-                return Binding(graph, name)
-            return None
+            b = seen.get(name, _UNSEEN)
+            if b is _UNSEEN:
+                b = seen[name] = Binding(graph, name) if name in producer or name in inits or name in inputs \
+                    else None
+            return b
         return resolve_main
 
     @property
@@ -229,14 +233,23 @@ class ModelGraph:
 
     # ------------------------------------------------------------------ lookups
     def resolve(self, graph: int, name: str) -> Binding | None:
-        """The binding a read of ``name`` in graph ``graph`` sees (innermost scope first); None if unbound."""
+        """The binding a read of ``name`` in graph ``graph`` sees (innermost scope first); None if unbound.
+        (Memoized per graph: the facade's scopes do not change.)"""
+        seen = self._bound[graph]
+        b = seen.get(name, _UNSEEN)
+        if b is not _UNSEEN:
+            return b
         scope = self.graphs[graph]
         while True:
             if name in scope.producer or name in scope.inits or name in scope.inputs:  # scope.binds, inlined
-                return Binding(scope.index, name)
+                b = Binding(scope.index, name)
+                break
             if scope.parent is None:
-                return None
+                b = None
+                break
             scope = self.graphs[scope.parent]
+        seen[name] = b
+        return b
 
     def node(self, key: NodeKey) -> onnx.NodeProto:
         return self.graphs[key.graph].nodes[key.index]

@@ -210,7 +210,10 @@ def _read_locations(p: Path) -> list[str] | None:
         if os.stat(p).st_size >= protofile.INDEX_MIN_FILE:
             return protofile.external_locations(p)
         import onnx
-        model = onnx.ModelProto.FromString(p.read_bytes())
+        data = p.read_bytes()
+        model = onnx.ModelProto.FromString(data)
+        if b"location" not in data:  # every external-data entry holds that key: none here (no Python walk)
+            return []
         locs: list[str] = []
         seen: set[str] = set()
         for t in protofile.iter_model_tensors(model):

@@ -21,7 +21,7 @@ attributes, types, functions, metadata, training_info, doc strings, node order) 
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,7 +355,7 @@ class _Editor:
     def __init__(self, plan_: Plan):
         self.mg = plan_.graph
         self.ctx = plan_.context
-        self.delta: Counter = Counter()
+        self.delta: dict[Binding, int] = {}  #: uses added (+) or removed (-) so far, per tensor
         self.candidates: set[Binding] = set()
         self.removed: set[NodeKey] = set()
         self.inserts: dict[NodeKey, list] = defaultdict(list)
@@ -364,18 +364,18 @@ class _Editor:
         self.legacy_inputs = self.mg.ir_version < 4
 
     def uses_left(self, b: Binding) -> int:
-        return len(self.mg.uses.get(b, ())) + self.delta[b]
+        return len(self.mg.uses.get(b, ())) + self.delta.get(b, 0)
 
     def dec(self, graph: int, name: str) -> None:
         b = self.mg.resolve(graph, name) if name else None
         if b is not None:
-            self.delta[b] -= 1
+            self.delta[b] = self.delta.get(b, 0) - 1
             self.candidates.add(b)
 
     def inc(self, graph: int, name: str) -> None:
         b = self.mg.resolve(graph, name) if name else None
         if b is not None:
-            self.delta[b] += 1
+            self.delta[b] = self.delta.get(b, 0) + 1
 
     def set_input(self, key: NodeKey, slot: int, name: str) -> None:
         n = self.mg.node(key)
@@ -400,10 +400,13 @@ class _Editor:
         if b is not None and b not in self.written and old in mg.graphs[b.graph].inits \
                 and not mg.is_overridable(b) and self.uses_left(b) == 1:
             t = mg.graphs[b.graph].inits[old]
-            keep = (t.doc_string, list(t.metadata_props))
-            t.CopyFrom(_tensor(arr, old))
-            t.doc_string = keep[0]
-            t.metadata_props.extend(keep[1])
+            doc = t.doc_string
+            meta = [onnx.StringStringEntryProto(key=e.key, value=e.value) for e in t.metadata_props] \
+                if len(t.metadata_props) else None
+            protofile.set_tensor(t, arr, old)  # (as t.CopyFrom(_tensor(arr, old)))
+            t.doc_string = doc  # (set even when empty, as always: the written bytes do not change)
+            if meta:
+                t.metadata_props.extend(meta)
             self.written.add(b)
             if self.legacy_inputs and b.graph == 0:
                 for vi in mg.graphs[0].proto.input:

@@ -316,15 +316,20 @@ _PLAIN = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.DOUBLE:
           onnx.TensorProto.INT32: np.dtype(np.int32)}
 
 
+_LITTLE = sys.byteorder == "little"
+
+
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """The values of a stored tensor, reading a reference from its source (one copy): what
     ``numpy_helper.to_array`` gives for the tensor loaded whole (its own code for plain dtypes in raw data)."""
     found = _ref_of(t)
     if found is None:
-        plain = _PLAIN.get(t.data_type) if sys.byteorder == "little" else None
+        plain = _PLAIN.get(t.data_type) if _LITTLE else None
         if plain is not None and t.HasField("raw_data") and not t.HasField("segment") \
                 and t.data_location != onnx.TensorProto.EXTERNAL:
-            return np.frombuffer(t.raw_data, dtype=plain).reshape(t.dims)
+            arr = np.frombuffer(t.raw_data, dtype=plain)
+            dims = tuple(t.dims)
+            return arr if len(dims) == 1 and dims[0] == arr.size else arr.reshape(dims)
         return numpy_helper.to_array(t)
     return _read_ref(*found, t)
 
@@ -443,6 +448,24 @@ def deferred_tensors() -> Iterator[None]:
     finally:
         _deferred().remove(src)
         src.close()
+
+
+_TENSOR_DTYPE = {d: onnx.helper.np_dtype_to_tensor_dtype(d) for d in _SIMPLE}
+
+
+def set_tensor(t: onnx.TensorProto, value: np.ndarray | Computed, name: str) -> None:
+    """``t.CopyFrom(new_tensor(value, name))`` without the intermediate message when ``value`` is a small array
+    of a plain dtype (the fields ``from_array`` sets, set on ``t`` itself: the same message)."""
+    if isinstance(value, np.ndarray) and value.nbytes < SKELETON_BYTES and value.dtype in _TENSOR_DTYPE \
+            and _LITTLE:
+        t.Clear()
+        t.dims.extend(value.shape)
+        if name:
+            t.name = name
+        t.raw_data = value.tobytes()
+        t.data_type = _TENSOR_DTYPE[value.dtype]
+        return
+    t.CopyFrom(new_tensor(value, name))
 
 
 def new_tensor(value: np.ndarray | Computed, name: str) -> onnx.TensorProto:

@@ -250,3 +250,35 @@ def test_an_unchanged_input_is_read_once_a_changed_one_again(tmp_path, monkeypat
     chain(3, src)  # rewritten in place: another size, time and change time
     outputs.external_data_files(src)
     assert len(reads) == 4
+
+
+def test_each_folded_parameter_is_computed_once(chains, tmp_path, monkeypatch):
+    """Planning checks that a folded parameter fits its dtype by computing it; writing it reuses that value
+    (it was computed twice: once to check, once to write)."""
+    from bnfold import formula
+    counts: Counter = Counter()
+    for name in ("scale_cast", "cast_checked"):
+        real = getattr(formula, name)
+        monkeypatch.setattr(formula, name, lambda *a, _real=real, _name=name, **k: counts.update([_name]) or
+                            _real(*a, **k))
+    fold_onnx_file(chains / "chain_150.onnx", tmp_path / "o.onnx")
+    assert counts == {"scale_cast": 150, "cast_checked": 150}, counts  # one weight and one bias per pair
+    # and the values written are the float64 fold rounded once (2-D check on a few pairs)
+    src, out = onnx.load(chains / "chain_150.onnx"), onnx.load(tmp_path / "o.onnx")
+    onnx.checker.check_model(out, full_check=True)
+    w = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer}
+    o = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for i in (0, 7, 149):
+        s = w[f"s{i}"].astype(np.float64) / np.sqrt(w[f"v{i}"].astype(np.float64) + 1e-5)
+        ref_w = (w[f"w{i}"].astype(np.float64) * s[:, None, None, None]).astype(np.float32)
+        ref_b = ((w[f"b{i}"] - w[f"m{i}"].astype(np.float64)) * s + w[f"t{i}"]).astype(np.float32)
+        assert np.array_equal(o[f"w{i}"], ref_w) and np.array_equal(o[f"b{i}"], ref_b), i  # bit for bit
+
+
+def test_small_files_without_external_data_are_not_walked(tmp_path, monkeypatch):
+    """A model file with no external-data entry (no ``location`` key anywhere in its bytes) has no locations:
+    found without walking its tensors in Python."""
+    chain(20, tmp_path / "m.onnx")
+    assert os.path.getsize(tmp_path / "m.onnx") < protofile.INDEX_MIN_FILE
+    monkeypatch.setattr(protofile, "iter_model_tensors", lambda *a: (_ for _ in ()).throw(AssertionError("walked")))
+    assert outputs._read_locations(tmp_path / "m.onnx") == []

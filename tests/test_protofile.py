@@ -607,3 +607,24 @@ def _imports(module: str) -> set[str]:
                                  ("bnfold.protofile", "bnfold.onnx_io")])
 def test_no_import_circles(a, b):
     assert b not in _imports(a) or a not in _imports(b), f"{a} and {b} import each other"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.bool_])
+@pytest.mark.parametrize("shape", [(), (3,), (4, 2, 1, 1)])
+def test_set_tensor_writes_what_copying_from_array_writes(dtype, shape):
+    """``set_tensor`` fills a tensor in place (no intermediate message); the result is byte for byte the tensor
+    ``t.CopyFrom(from_array(value, name))`` gives, whatever ``t`` held before (other data fields, external data,
+    a doc string: all replaced)."""
+    value = (np.arange(int(np.prod(shape))) % 3).astype(dtype).reshape(shape)
+    for before in (numpy_helper.from_array(np.ones((2, 2), np.float32), "old"),
+                   onnx.helper.make_tensor("old", onnx.TensorProto.FLOAT, [2], [1.0, 2.0]),
+                   onnx.TensorProto(name="old", data_type=1, dims=[5], data_location=onnx.TensorProto.EXTERNAL,
+                                    doc_string="d",
+                                    external_data=[onnx.StringStringEntryProto(key="location", value="x.data")])):
+        a, b = onnx.TensorProto(), onnx.TensorProto()
+        a.CopyFrom(before)
+        b.CopyFrom(before)
+        protofile.set_tensor(a, value, "w")
+        b.CopyFrom(numpy_helper.from_array(value, "w"))
+        assert a.SerializeToString() == b.SerializeToString()
+        assert np.array_equal(numpy_helper.to_array(a), value)

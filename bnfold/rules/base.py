@@ -47,6 +47,8 @@ class Param:
     stored_shape: tuple | None = None
     #: the loader reads the source file, not the TensorProto (which the fold may rewrite before it is written)
     detached: bool = False
+    #: a small parameter's cast value, computed once (by :meth:`check_cast` while planning, reused when written)
+    _cast: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def base(self) -> np.ndarray:
@@ -70,9 +72,26 @@ class Param:
                      stored_shape=self.stored_shape, detached=self.detached)
 
     def materialize(self, what: str) -> np.ndarray:
+        if self._cast is not None:
+            return self._cast
         if self.value is not None:
-            return formula.cast_checked(self.value, self.dtype, what=what)
-        return formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+            out = formula.cast_checked(self.value, self.dtype, what=what)
+        else:
+            out = formula.scale_cast(self.base, np.asarray(self.factor, np.float64), self.dtype, what=what)
+        if out.nbytes < protofile.SKELETON_BYTES:  # small: kept (read-only), so it is computed once
+            out.flags.writeable = False
+            self._cast = out
+        return out
+
+    def _small(self) -> bool:
+        """Whether the cast value is small enough to keep (see :meth:`materialize`)."""
+        if self.value is not None:
+            size = self.value.size
+        elif self.stored is not None:
+            size = self.stored.size
+        else:
+            return False
+        return size * self.dtype.itemsize < protofile.SKELETON_BYTES
 
     def recipe(self, what: str) -> protofile.Computed | np.ndarray:
         """The value to write: a recipe for :meth:`materialize` (evaluated when written, one tensor at a time),
@@ -121,8 +140,8 @@ class Param:
         """Raise :class:`Skip` ``cast_overflow`` when the value would not fit the dtype (checked before planning
         the fold, so that applying it cannot fail)."""
         try:
-            if self.value is not None:
-                formula.cast_checked(self.value, self.dtype, what=what)
+            if self.value is not None or (self._small() and np.size(self.factor) <= self.stored.size):
+                self.materialize(what)  # computed once: kept for writing
                 return
             limit = float(np.finfo(self.dtype).max) if self.dtype.kind == "f" else 3.3e38
             fmax = float(np.max(np.abs(self.factor), initial=0.0))
