@@ -214,15 +214,7 @@ def _read_locations(p: Path) -> list[str] | None:
         model = onnx.ModelProto.FromString(data)
         if b"location" not in data:  # every external-data entry holds that key: none here (no Python walk)
             return []
-        locs: list[str] = []
-        seen: set[str] = set()
-        for t in protofile.iter_model_tensors(model):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                for e in t.external_data:
-                    if e.key == "location" and e.value not in seen:
-                        seen.add(e.value)
-                        locs.append(e.value)
-        return locs
+        return protofile.locations_of(model)
     except Exception:  # unreadable, or not a model
         return None
 

@@ -929,6 +929,17 @@ def write_external(model: onnx.ModelProto, dst: str | os.PathLike, data_path: st
     return fd is not None
 
 
+def locations_of(model: onnx.ModelProto) -> list[str]:
+    """The external-data locations ``model``'s tensors refer to, each once, in order of first reference."""
+    locs: dict[str, None] = {}  # (an ordered set: a model may have a data file per tensor)
+    for t in iter_model_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    locs.setdefault(e.value)
+    return list(locs)
+
+
 def external_locations(path: str | os.PathLike) -> list[str] | None:
     """The external-data locations a model file refers to, from its index (no parse of the whole model);
     None when the file is not a model the index can read."""
@@ -940,14 +951,7 @@ def external_locations(path: str | os.PathLike) -> list[str] | None:
     try:
         if mm is None:
             return None
-        model = onnx.ModelProto.FromString(_strip_large(mm))
-        locs: list[str] = []
-        for t in iter_model_tensors(model):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                for e in t.external_data:
-                    if e.key == "location" and e.value not in locs:
-                        locs.append(e.value)
-        return locs
+        return locations_of(onnx.ModelProto.FromString(_strip_large(mm)))
     except Exception:  # not a model
         return None
     finally:

@@ -628,3 +628,17 @@ def test_set_tensor_writes_what_copying_from_array_writes(dtype, shape):
         b.CopyFrom(numpy_helper.from_array(value, "w"))
         assert a.SerializeToString() == b.SerializeToString()
         assert np.array_equal(numpy_helper.to_array(a), value)
+
+
+def test_locations_of_lists_each_data_file_once_in_order():
+    def ext(name, loc):
+        return onnx.TensorProto(name=name, data_type=1, dims=[1], data_location=onnx.TensorProto.EXTERNAL,
+                                external_data=[onnx.StringStringEntryProto(key="location", value=loc),
+                                               onnx.StringStringEntryProto(key="offset", value="0")])
+    g = onnx.helper.make_graph([], "g", [], [], initializer=[ext(f"t{i}", loc) for i, loc in
+                                                              enumerate(["b.data", "a.data", "b.data", "c.data"])])
+    m = onnx.helper.make_model(g)
+    assert protofile.locations_of(m) == ["b.data", "a.data", "c.data"]
+    many = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[
+        ext(f"t{i}", f"{i}.data") for i in range(3000)]))
+    assert protofile.locations_of(many) == [f"{i}.data" for i in range(3000)]
