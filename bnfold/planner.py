@@ -449,8 +449,12 @@ class _Editor:
                     queue.append(mg.resolve(key.graph, i))
         for gi, names in drop_inits.items():
             proto = mg.graphs[gi].proto
-            for idx in reversed([k for k, t in enumerate(proto.initializer) if t.name in names]):
-                del proto.initializer[idx]
+            # a stable sort moves the dropped ones to the end, in order, then one cut: deleting them one by one
+            # moved the rest of the list each time (quadratic in a model with thousands of BNs)
+            inits = proto.initializer
+            n = len(inits) - sum(1 for t in inits if t.name in names)
+            inits.sort(key=lambda t: t.name in names)
+            del inits[n:]
             if self.legacy_inputs and gi == 0:
                 for idx in reversed([k for k, vi in enumerate(proto.input) if vi.name in names]):
                     del proto.input[idx]
