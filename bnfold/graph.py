@@ -117,11 +117,20 @@ def _subgraphs(node: onnx.NodeProto):
 
 
 def is_float_dtype(dtype) -> bool:
+    known = _FLOAT_DTYPE.get(dtype) if isinstance(dtype, np.dtype) else None
+    if known is not None:
+        return known
     try:
         d = np.dtype(dtype)
     except TypeError:
         return False
-    return d.kind == "f" or d.name in ("bfloat16",)
+    result = d.kind == "f" or d.name in ("bfloat16",)
+    if isinstance(dtype, np.dtype):
+        _FLOAT_DTYPE[dtype] = result
+    return result
+
+
+_FLOAT_DTYPE: dict[np.dtype, bool] = {}  #: is_float_dtype's answers, per numpy dtype
 
 
 class ModelGraph:

@@ -322,7 +322,7 @@ _LITTLE = sys.byteorder == "little"
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     """The values of a stored tensor, reading a reference from its source (one copy): what
     ``numpy_helper.to_array`` gives for the tensor loaded whole (its own code for plain dtypes in raw data)."""
-    found = _ref_of(t)
+    found = _ref_of(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
     if found is None:
         plain = _PLAIN.get(t.data_type) if _LITTLE else None
         if plain is not None and t.HasField("raw_data") and not t.HasField("segment") \
