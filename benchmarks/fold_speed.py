@@ -687,6 +687,37 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, comm
     return out
 
 
+def chain_instructions(sizes: list[int], work: Path) -> dict | None:
+    """Instructions (callgrind's Ir) that ``bnfold.fold_onnx_file`` executes on each chain, minus those of the
+    same process importing bnfold and stopping: a count that the machine's load does not move, so the ratio per
+    doubling says whether the work is linear. None when valgrind is not installed."""
+    import re
+
+    if shutil.which("valgrind") is None:
+        return None
+    code_fold = "import sys; from bnfold.fold import fold_onnx_file; fold_onnx_file(sys.argv[1], sys.argv[2])"
+    code_base = "import sys; from bnfold.fold import fold_onnx_file"
+
+    def ir(code: str, *argv: str) -> int:
+        out = work / "callgrind.out"
+        r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
+                            code, *argv], capture_output=True, text=True, check=True)
+        out.unlink(missing_ok=True)
+        return int(re.search(r"Collected : (\d+)", r.stderr).group(1))
+    res: dict = {"per_size": {}}
+    for n in sizes:
+        src = work / f"chain_{n}.onnx"
+        if not src.exists():
+            build_chain(n, src)
+        log(f"instructions: chain of {n} under callgrind")
+        dst = work / f"chain_{n}_ir.onnx"
+        res["per_size"][str(n)] = (ir(code_fold, str(src), str(dst)) - ir(code_base)) / 1e6
+    counts = [res["per_size"][str(n)] for n in sizes]
+    res["doubling_ratio"] = [b / a for (na, a), (nb, b) in zip(zip(sizes, counts), zip(sizes[1:], counts[1:]))
+                             if nb == 2 * na and a > 0]
+    return res
+
+
 def chain_markdown(ch: dict) -> list[str]:
     keys = [k for k in next(iter(ch["per_size"].values())) if k != "commands"]
     lines = ["", "## Node-count scaling: chains of Conv+BN pairs", "",
@@ -704,6 +735,11 @@ def chain_markdown(ch: dict) -> list[str]:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Time ratio per doubling of N: " + "; ".join(
         f"{METHODS[k].label}: {', '.join(f'{x:.2f}x' for x in v) or 'n/a'}" for k, v in ch["doubling_ratio"].items())]
+    if ch.get("instructions"):
+        ins = ch["instructions"]
+        lines += ["", "Instructions executed by `bnfold.fold_onnx_file` (callgrind, imports subtracted; not moved by "
+                  "the machine's load): " + ", ".join(f"{n} pairs {v:,.0f} M" for n, v in ins["per_size"].items())
+                  + "; per doubling " + (", ".join(f"{x:.2f}x" for x in ins["doubling_ratio"]) or "n/a") + "."]
     if ch.get("command_doubling_ratio"):
         lines += ["", f"As commands (fresh processes, interleaved, medians; target: 3,000 pairs <= {CHAIN_COMMAND_TARGET_S:g} s"
                   " for `bnfold fold`; `-q`: no table; ratios: each round's command over the same round's floor, "
@@ -1205,6 +1241,8 @@ def chain_only(args) -> int:
         results["setup"]["bnfold_source_sha256_start"] = bnfold_source_digest()
         results["chain"] = chain_scaling(sizes, ckeys, Path(tmp), max(1, args.reps),
                                          command_reps=max(0, args.command_reps))
+        if args.instructions:
+            results["chain"]["instructions"] = chain_instructions(sizes, Path(tmp))
         results["setup"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         changed = bnfold_source_digest() != results["setup"]["bnfold_source_sha256_start"]
         results["setup"]["bnfold_source_changed_during_run"] = changed
@@ -1255,6 +1293,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes of the Conv+BN chains for the node-count scaling study ('' skips it)")
     ap.add_argument("--chain-methods", default="floor,bnfold,ort_offline",
                     help="methods timed on the chains (the Python optimizers take minutes there)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="with --chain-only: also count the instructions of each chain's fold under valgrind's "
+                         "callgrind (minutes; a load-independent check of linearity)")
     ap.add_argument("--chain-only", action="store_true",
                     help="only the chain study (no ResNet-50, no torch): writes fold_speed_chain.json/.md")
     # internal modes, used by the benchmark's own subprocesses
