@@ -191,8 +191,9 @@ class ModelGraph:
 
     def _resolve_uses(self) -> None:
         uses = self.uses
+        new = tuple.__new__  # (a named tuple built in C: its generated __new__ is a Python call per use)
         for g in self.graphs:
-            resolve = self._resolver(g.index)
+            resolve, gi = self._resolver(g.index), g.index
             for i, n in enumerate(g.nodes):
                 dtype_only_slot = 1 if n.op_type == "CastLike" and is_default_domain(n) else -1
                 for k, name in enumerate(n.input):
@@ -200,7 +201,7 @@ class ModelGraph:
                         continue
                     b = resolve(name)
                     if b is not None:
-                        u = Use(g.index, i, k, k == dtype_only_slot)
+                        u = new(Use, (gi, i, k, k == dtype_only_slot))
                         found = uses.get(b)
                         if found is None:
                             uses[b] = [u]
@@ -221,8 +222,8 @@ class ModelGraph:
         def resolve_main(name: str) -> Binding | None:
             b = seen.get(name, _UNSEEN)
             if b is _UNSEEN:
-                b = seen[name] = Binding(graph, name) if name in producer or name in inits or name in inputs \
-                    else None
+                b = seen[name] = tuple.__new__(Binding, (graph, name)) \
+                    if name in producer or name in inits or name in inputs else None
             return b
         return resolve_main
 
