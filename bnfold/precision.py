@@ -475,7 +475,8 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
             preexisting: set | None = None, folded_exact: dict | None = None) -> PrecisionReport:
     """Convert ``model`` (fp32; folded parameters possibly already written in ``tgt`` by the fold) to ``tgt``,
     in place; returns the certificate. ``folded_exact``: the fold's fp32 values of those parameters, by the
-    fingerprint of what it wrote (:attr:`_Rounder.exact`): a layer kept in fp32 gets them. With
+    fingerprint of what it wrote (:attr:`_Rounder.exact`; consumed: emptied once the fp32 probe holds them): a
+    layer kept in fp32 gets them. With
     ``options.strict_range``, raises :class:`RangeCheckFailed` before changing anything when a layer does not
     fit."""
     folded_stats = folded_stats or {}
@@ -494,6 +495,8 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     _upcast(probe, fresh, exact)
+    folded_exact.clear()  # the probe holds those values now (a second copy of every folded weight otherwise)
+    exact = set(exact)
     types = ModelGraph(probe)  # every dtype question is asked of the consistent fp32 twin
 
     # --- 1. every float initializer against the target
@@ -800,10 +803,11 @@ class _Scope:
 
 class _Converter:
     def __init__(self, mg: ModelGraph, types: ModelGraph, tgt: Target, modes, rounded, overflowing, io_dtype: bool,
-                 exact: dict | None = None):
+                 exact: set | None = None):
         self.mg, self.types, self.t = mg, types, tgt
         self.modes, self.rounded, self.overflowing = modes, rounded, overflowing
-        self.exact = exact or {}  # fp32 values of parameters the fold wrote in the target, by (graph, name)
+        #: parameters the fold wrote in the target whose fp32 values (the fold's own) the probe ``types`` holds
+        self.exact = exact or set()
         self.io = tgt.elem if io_dtype else FLOAT
         self.gidx = {id(g.proto): g.index for g in mg.graphs}
 
@@ -854,7 +858,8 @@ class _Converter:
             if t.data_type == FLOAT and self._store_low(gi, t.name):
                 new = self.rounded[k]
             elif t.data_type == tgt.elem and k in self.exact and self._readers_low(gi, t.name) is False:
-                new = self.exact[k]  # folded, read by a layer kept fp32: the fold's fp32 rounding, not a Cast up
+                # folded, read by a layer kept fp32: the fold's fp32 rounding (as the probe holds it), not a Cast up
+                new = self.types.read(self.types.graphs[gi].inits[t.name])
             if new is not None:
                 keep = (t.doc_string, list(t.metadata_props))
                 t.CopyFrom(numpy_helper.from_array(new, t.name))
