@@ -47,6 +47,8 @@ Usage (torchvision and onnxconverter-common live in the shared venv; bnfold from
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --bn typical --samples 4 \
         --latency --ep cpu --iters 200 --tag _quiet                             # precision_latency_quiet.md
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --render benchmarks/results/precision.json
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --render benchmarks/results/precision.json \
+        --replace new_rows.json --merge more_seeds.json   # rows re-run, seeds added (recorded in the meta)
 """
 
 from __future__ import annotations
@@ -640,6 +642,50 @@ def evaluate_seeds(kind: str, name: str, bns: list[str], seeds: int, samples: in
     return rows
 
 
+def merge_results(into: dict, replace: list[tuple[str, dict]], merge: list[tuple[str, dict]]) -> dict:
+    """``into`` (a ``--seeds`` result: meta and rows) with the rows of each ``replace`` result put in place of its
+    rows of the same model and BN statistics (a re-run), then the seeds of each ``merge`` result appended to them
+    (more seeds; a seed already there is an error); each is recorded in the meta (``notes``, ``extra_seeds``).
+    The summaries are recomputed. ``replace`` and ``merge``: ``(file name, result)`` pairs."""
+    out = copy.deepcopy(into)
+    meta = out["meta"]
+    index = {(r["model"], r["bn"]): i for i, r in enumerate(out["rows"])}
+    for name, res in replace:
+        done = []
+        for r in res["rows"]:
+            key = (r["model"], r["bn"])
+            if key in index:
+                out["rows"][index[key]] = copy.deepcopy(r)
+            else:
+                index[key] = len(out["rows"])
+                out["rows"].append(copy.deepcopy(r))
+            done.append(f"{r['model']} {r['bn']}")
+            stale = f"{r['model']} {r['bn']}: "  # seeds merged into the old row went with it
+            meta["extra_seeds"] = [e for e in meta.get("extra_seeds", []) if not e.startswith(stale)]
+        meta.setdefault("notes", []).append(f"{', '.join(done)} re-run {res['meta'].get('date', '?')} ({name})")
+    for name, res in merge:
+        for r in res["rows"]:
+            key = (r["model"], r["bn"])
+            if key not in index:
+                raise ValueError(f"{name}: no row {key[0]} {key[1]} to add seeds to")
+            row = out["rows"][index[key]]
+            have = {s["seed"] for s in row["seeds"]}
+            new = list(r["seeds"])
+            dup = sorted(have & {s["seed"] for s in new})
+            if dup:
+                raise ValueError(f"{name}: {key[0]} {key[1]} seeds {dup[:5]} are already in the row")
+            if r["samples"] != row["samples"] or bool(r.get("attribute")) != bool(row.get("attribute")):
+                raise ValueError(f"{name}: {key[0]} {key[1]} was run with other --samples or --attribute")
+            row["seeds"] += copy.deepcopy(new)
+            seeds = sorted(s["seed"] for s in new)
+            span = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else "several"
+            meta.setdefault("extra_seeds", []).append(
+                f"{key[0]} {key[1]}: {len(new)} more seeds ({span}) from {name}")
+    for r in out["rows"]:
+        r["summary"] = summarize(r)
+    return out
+
+
 def _r(st: dict | None) -> str:
     if not st:
         return "n/a"
@@ -809,10 +855,20 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--attribute", action="store_true", help="with --seeds: fp32 runs that take the error apart")
     ap.add_argument("--render", type=Path, help="rewrite the .md of a --seeds result .json (nothing is run)")
+    ap.add_argument("--replace", type=Path, nargs="+", default=[],
+                    help="with --render: --seeds results whose rows replace the rows of the same model and BN")
+    ap.add_argument("--merge", type=Path, nargs="+", default=[],
+                    help="with --render: --seeds results whose seeds are added to the rows of the same model and BN")
     ap.add_argument("--modelopt-python", help="python of a venv with nvidia-modelopt[onnx] (run there, as files)")
     args = ap.parse_args(argv)
+    if (args.replace or args.merge) and not args.render:
+        ap.error("--replace and --merge need --render (the result they change)")
     if args.render:
         d = json.loads(args.render.read_text())
+        if args.replace or args.merge:
+            d = merge_results(d, [(p.name, json.loads(p.read_text())) for p in args.replace],
+                              [(p.name, json.loads(p.read_text())) for p in args.merge])
+            args.render.write_text(json.dumps(d, indent=1) + "\n")
         for r in d["rows"]:
             r["summary"] = summarize(r)
         args.render.with_suffix(".md").write_text(markdown_seeds(d["rows"], d["meta"]))

@@ -7,7 +7,8 @@ the model follows:
 
 1. **Fold.** The plan is applied with a rounding hook: every folded parameter that fits the target is written
    in the target dtype; one that would overflow (a finite value becoming inf) is written in the model's dtype and
-   its layer stays fp32 (reason ``fp16_overflow``). Nothing is ever clamped.
+   its layer stays fp32 (reason ``fp16_overflow``). Nothing is ever clamped. The hook also keeps the fp32
+   rounding of the same float64 values, for the layers step 3 keeps in fp32.
 2. **Certify.** Every float initializer (folded or not) is measured against the target: its largest magnitude
    against the largest finite value, how many of its non-zero values round to a subnormal or to zero, and the
    channel where that happens most. Activations: the folded model is run in fp32 on the given data (or on
@@ -21,7 +22,10 @@ the model follows:
    Runtime's CPU provider drops it instead of rounding an activation; identical values on an fp16 runtime). With
    ``strict_range`` a range problem raises :class:`RangeCheckFailed` instead.
 4. **Convert.** Initializers, ``Constant``/``ConstantOfShape`` values, ``Cast`` targets and value_info follow the
-   decisions; a ``Cast`` is inserted wherever a tensor's dtype differs from what its reader runs in, in the main
+   decisions: a parameter is stored in the target only when its readers run in it (or lack only a kernel), so a
+   layer kept fp32 for its range holds its unfolded parameters as they were and its folded ones as the fp32
+   rounding of the float64 fold (an fp16 copy cast up at run time would add a rounding to a layer that computes
+   in fp32); a ``Cast`` is inserted wherever a tensor's dtype differs from what its reader runs in, in the main
    graph and in every subgraph. Graph inputs and outputs keep fp32 (a Cast at each boundary) unless
    ``io_dtype`` converts them too.
 
@@ -309,6 +313,9 @@ class _Rounder:
     def __init__(self, tgt: Target):
         self.target = tgt
         self.stats: dict[tuple, dict] = {}
+        #: by the written (rounded) array's fingerprint: the same float64 values rounded once to fp32, for a layer
+        #: that ends up kept in fp32; None where two parameters with different values rounded to the same bytes
+        self.exact: dict[tuple, np.ndarray | None] = {}
 
     def __call__(self, mg: ModelGraph, key, slot, param, what: str):
         if np.dtype(param.dtype) != np.float32:
@@ -323,7 +330,12 @@ class _Rounder:
             log.info("%s: folded value overflows %s: kept in fp32", what, self.target.name)
             self.stats[fingerprint(f64.astype(np.float32))] = st  # what the default path writes
             return None
-        self.stats[fingerprint(rounded)] = st
+        fp = fingerprint(rounded)
+        self.stats[fp] = st
+        exact = f64.astype(np.float32)
+        prev = self.exact.get(fp, exact)
+        self.exact[fp] = exact if prev is not None and np.array_equal(prev.view(np.uint32), exact.view(np.uint32)) \
+            else None
         return rounded
 
 
@@ -454,25 +466,37 @@ def fold_to_dtype(model: onnx.ModelProto, fold_options=None, precision: Precisio
     rounder = _Rounder(tgt)
     out, report = fold_model(model, fold_options, name=name, inplace=inplace, source_path=source_path,
                              materialize=rounder)
-    prec = convert(out, tgt, precision, folded_stats=rounder.stats, preexisting=before)
+    prec = convert(out, tgt, precision, folded_stats=rounder.stats, preexisting=before, folded_exact=rounder.exact)
     report.extra["precision"] = prec.to_dict()
     return out, report
 
 
 def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, folded_stats: dict | None = None,
-            preexisting: set | None = None) -> PrecisionReport:
+            preexisting: set | None = None, folded_exact: dict | None = None) -> PrecisionReport:
     """Convert ``model`` (fp32; folded parameters possibly already written in ``tgt`` by the fold) to ``tgt``,
-    in place; returns the certificate. With ``options.strict_range``, raises :class:`RangeCheckFailed` before
-    changing anything when a layer does not fit."""
+    in place; returns the certificate. ``folded_exact``: the fold's fp32 values of those parameters, by the
+    fingerprint of what it wrote (:attr:`_Rounder.exact`; consumed: emptied once the fp32 probe holds them): a
+    layer kept in fp32 gets them. With
+    ``options.strict_range``, raises :class:`RangeCheckFailed` before changing anything when a layer does not
+    fit."""
     folded_stats = folded_stats or {}
+    folded_exact = folded_exact or {}
     preexisting = preexisting or set()
     mg = ModelGraph(model)
-    # tensors the fold wrote in the target dtype: the probe (fp32 twin, exact) carries them as fp32
+    # tensors the fold wrote in the target dtype: the probe (fp32 twin, exact) carries them as fp32, the fold's own
+    # fp32 rounding where the hook kept it
     fresh = {(g.index, n) for g in mg.graphs for n, t in g.inits.items()
              if t.data_type == tgt.elem and (g.index, n) not in preexisting}
+    exact = {}
+    for k in fresh:
+        e = folded_exact.get(fingerprint(mg.read(mg.graphs[k[0]].inits[k[1]])))
+        if e is not None:
+            exact[k] = e
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    _upcast(probe, fresh)
+    _upcast(probe, fresh, exact)
+    folded_exact.clear()  # the probe holds those values now (a second copy of every folded weight otherwise)
+    exact = set(exact)
     types = ModelGraph(probe)  # every dtype question is asked of the consistent fp32 twin
 
     # --- 1. every float initializer against the target
@@ -572,7 +596,7 @@ def convert(model: onnx.ModelProto, tgt: Target, options: PrecisionOptions, *, f
 
     # --- 4. the rewrite
     nonfinite = _nonfinite_counts(model)
-    _Converter(mg, types, tgt, modes, rounded, overflowing, options.io_dtype).run()
+    _Converter(mg, types, tgt, modes, rounded, overflowing, options.io_dtype, exact).run()
     _check_finite(model, nonfinite)
     for t in report.tensors:
         t.stored = _stored_dtype(mg, t, tgt)
@@ -688,12 +712,15 @@ def _constant_overflows(node: onnx.NodeProto, tgt: Target) -> bool:
     return False
 
 
-def _upcast(model: onnx.ModelProto, names: set) -> None:
-    """Replace the initializers ``names`` ((graph index, name), stored in a reduced dtype) by exact fp32 copies."""
+def _upcast(model: onnx.ModelProto, names: set, exact: dict | None = None) -> None:
+    """Replace the initializers ``names`` ((graph index, name), stored in a reduced dtype) by fp32: the value in
+    ``exact`` under the same key where there is one, an exact fp32 copy otherwise."""
+    exact = exact or {}
     for gi, g in enumerate(walk_graphs(model.graph)):
         for t in g.initializer:
             if (gi, t.name) in names:
-                v = numpy_helper.to_array(t).astype(np.float32)
+                v = exact.get((gi, t.name))
+                v = numpy_helper.to_array(t).astype(np.float32) if v is None else v
                 t.CopyFrom(numpy_helper.from_array(v, t.name))
 
 
@@ -775,9 +802,12 @@ class _Scope:
 
 
 class _Converter:
-    def __init__(self, mg: ModelGraph, types: ModelGraph, tgt: Target, modes, rounded, overflowing, io_dtype: bool):
+    def __init__(self, mg: ModelGraph, types: ModelGraph, tgt: Target, modes, rounded, overflowing, io_dtype: bool,
+                 exact: set | None = None):
         self.mg, self.types, self.t = mg, types, tgt
         self.modes, self.rounded, self.overflowing = modes, rounded, overflowing
+        #: parameters the fold wrote in the target whose fp32 values (the fold's own) the probe ``types`` holds
+        self.exact = exact or set()
         self.io = tgt.elem if io_dtype else FLOAT
         self.gidx = {id(g.proto): g.index for g in mg.graphs}
 
@@ -793,9 +823,14 @@ class _Converter:
         k = (gi, name)
         if k not in self.rounded or k in self.overflowing:
             return False
+        return bool(self._readers_low(gi, name))
+
+    def _readers_low(self, gi: int, name: str) -> bool | None:
+        """Whether every reader of tensor ``name`` of graph ``gi`` takes it in the target: it runs in the target,
+        or stays fp32 only for want of a kernel. None when nothing reads it."""
         readers = [u for u in self.mg.uses.get(Binding(gi, name), ()) if u.node is not None]
         if not readers:
-            return False
+            return None
         for u in readers:
             mode, reason = self.modes.get((u.graph, u.node), ("keep", "unknown_type"))
             node = self.mg.graphs[u.graph].nodes[u.node]
@@ -819,9 +854,15 @@ class _Converter:
             if t.name in scope.dt:  # an overridable initializer is a graph input: never changed
                 continue
             k = (gi, t.name)
+            new = None
             if t.data_type == FLOAT and self._store_low(gi, t.name):
+                new = self.rounded[k]
+            elif t.data_type == tgt.elem and k in self.exact and self._readers_low(gi, t.name) is False:
+                # folded, read by a layer kept fp32: the fold's fp32 rounding (as the probe holds it), not a Cast up
+                new = self.types.read(self.types.graphs[gi].inits[t.name])
+            if new is not None:
                 keep = (t.doc_string, list(t.metadata_props))
-                t.CopyFrom(numpy_helper.from_array(self.rounded[k], t.name))
+                t.CopyFrom(numpy_helper.from_array(new, t.name))
                 t.doc_string = keep[0]
                 t.metadata_props.extend(keep[1])
             if t.data_type in (FLOAT, tgt.elem):

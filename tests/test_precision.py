@@ -236,6 +236,34 @@ def test_activation_that_bn_scales_down_overflows_unfolded_fp16_but_not_the_fold
     close_fp16(run_ort(out, f)[0], ref)
 
 
+def test_a_folded_layer_kept_fp32_holds_the_fold_rounded_once_to_fp32():
+    """BN scales the conv by 1e4: the folded weights fit fp16 but the output (~5e4, x4 headroom) does not, so the
+    conv runs in fp32. Its folded weight and bias are then the float64 fold rounded once to fp32, as an unfolded
+    layer kept fp32 keeps its own parameters, not an fp16 rounding cast up at run time (which added a rounding to
+    a layer that computes in fp32: preact_resnet with wide BN statistics, 0.83x bnfold's error without it)."""
+    model, w, b, p = conv_bn_model(params=[np.full(8, 1e4), np.zeros(8), np.zeros(8), np.ones(8)], wscale=0.5)
+    w64, b64 = bn_fold64(w, b, *p)
+    assert np.abs(w64).max() < 65504  # the folded weights fit fp16: only the activation keeps the layer fp32
+    out, report = fold_to_dtype(model, precision=PrecisionOptions(dtype="fp16"))
+    prec = report.extra["precision"]
+    rows = {x["node"]: x for x in prec["layers"]}
+    assert rows["conv"]["runs_in"] == "fp32" and rows["conv"]["reason"] == "fp16_activation_overflow"
+    assert rows["conv"]["folded"]
+    wi, bi = inits(out)["W"], inits(out)["B"]
+    assert wi.data_type == bi.data_type == TensorProto.FLOAT
+    assert np.array_equal(numpy_helper.to_array(wi).view(np.uint32), w64.astype(np.float32).view(np.uint32))
+    assert np.array_equal(numpy_helper.to_array(bi).view(np.uint32), b64.astype(np.float32).view(np.uint32))
+    assert not [n for n in out.graph.node if n.op_type == "Cast" and set(n.input) & {"W", "B"}]
+    assert {t["name"]: t["stored"] for t in prec["tensors"]}["W"] == "fp32"
+    assert prec["tensors"][0]["folded"] and prec["clamped"] == 0
+    assert_valid(out)
+    # numbers: nothing of this model runs in fp16 now, so its output has fp32's accuracy against float64 (an
+    # fp16 weight is off by up to 2^-11 relative: the output of a Cast-up fp16 weight was 2e-4 off, 70x this)
+    f = random_feeds(model)
+    got, ref = run_ort(out, f)[0].astype(np.float64), reference(model, f)[0]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-6 * np.abs(ref).max())
+
+
 def test_unfolded_activation_overflow_keeps_the_node_fp32():
     # no BN to scale it down: the conv output (~1e6) itself cannot be fp16
     g = G(seed=1)

@@ -6,6 +6,7 @@ fp16 included)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -64,3 +65,45 @@ def test_emulate_rounds_an_explicit_cast_to_fp16(bench):
     assert not np.array_equal(want, x)  # the rounding is visible
     np.testing.assert_array_equal(bench.run(bench.emulate(m), x), want)
     np.testing.assert_array_equal(bench.run(bench.emulate(m, round_activations=False), x), x)
+
+
+def _result(rows: dict, date: str = "d") -> dict:
+    """A --seeds result: ``rows`` {(model, bn): [(seed, bnfold error, occ error), ...]} (max = mean = emulated)."""
+    def seed(s, b, o):
+        e = {k: b for k in ("max", "mean", "emu_max", "emu_mean")}
+        f = {k: o for k in ("max", "mean", "emu_max", "emu_mean")}
+        return {"seed": s, "kept": 0, "subnormal": 0, "ref_max_abs": 1.0, "bnfold_fp16": e, "occ_fp16_unfolded": f,
+                "occ_fp16_folded": dict(f), "occ_fp16_twin": dict(f)}
+    return {"meta": {"date": date, "onnxruntime": "1", "torch": "2", "seeds": 2}, "rows": [
+        {"model": m, "bn": bn, "samples": 16, "seeds": [seed(*x) for x in seeds]}
+        for (m, bn), seeds in rows.items()]}
+
+
+def test_merge_results_replaces_rows_adds_seeds_and_records_both(bench, tmp_path):
+    old = _result({("a", "wide"): [(0, 2.0, 1.0), (1, 2.0, 1.0)], ("b", "wide"): [(0, 1.0, 1.0), (1, 1.0, 1.0)]})
+    old["meta"]["extra_seeds"] = ["a wide: 2 more seeds (100-101) from old.json", "b wide: 1 more seed"]
+    rerun = _result({("a", "wide"): [(0, 0.5, 1.0), (1, 0.5, 1.0)]}, date="today")
+    more = _result({("a", "wide"): [(100, 0.5, 1.0), (101, 0.25, 1.0), (102, 0.5, 1.0)]})
+    out = bench.merge_results(old, [("rerun.json", rerun)], [("more.json", more)])
+    a = next(r for r in out["rows"] if r["model"] == "a")
+    assert [s["seed"] for s in a["seeds"]] == [0, 1, 100, 101, 102]
+    assert a["summary"]["n"] == 5 and a["summary"]["ratio_max"]["gm"] == pytest.approx(0.5 * 0.5 ** 0.2)
+    assert out["meta"]["extra_seeds"] == ["b wide: 1 more seed", "a wide: 3 more seeds (100-102) from more.json"]
+    assert out["meta"]["notes"] == ["a wide re-run today (rerun.json)"]
+    assert next(r for r in out["rows"] if r["model"] == "b")["summary"]["n"] == 2
+    assert [s["seed"] for s in old["rows"][0]["seeds"]] == [0, 1]  # the input is not modified
+    with pytest.raises(ValueError, match="already in the row"):
+        bench.merge_results(old, [], [("again.json", _result({("a", "wide"): [(1, 1.0, 1.0)]}))])
+    with pytest.raises(ValueError, match="no row"):
+        bench.merge_results(old, [], [("c.json", _result({("c", "wide"): [(5, 1.0, 1.0)]}))])
+    other = _result({("a", "wide"): [(7, 1.0, 1.0)]})
+    other["rows"][0]["samples"] = 4
+    with pytest.raises(ValueError, match="other --samples"):
+        bench.merge_results(old, [], [("o.json", other)])
+    # the command: --render with --replace / --merge rewrites the .json and its .md
+    target, src = tmp_path / "precision.json", tmp_path / "more.json"
+    target.write_text(json.dumps(old))
+    src.write_text(json.dumps(more))
+    assert bench.main(["--render", str(target), "--merge", str(src)]) == 0
+    assert len(json.loads(target.read_text())["rows"][0]["seeds"]) == 5
+    assert "a wide: 3 more seeds (100-102) from more.json" in (tmp_path / "precision.md").read_text()
