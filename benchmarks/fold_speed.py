@@ -652,6 +652,10 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, comm
         build_chain(n, src)
         outs = {k: work / f"chain_{n}_out_{k}.onnx" for k in keys}
         log(f"chain of {n} Conv+BN pairs ({src.stat().st_size / 1e6:.1f} MB)")
+        commands = None
+        if command_reps:  # first: fresh processes started before this process has run any method in process
+            log(f"chain of {n} as commands")
+            commands = command_runs(src, work, command_reps, table=True)
         timing = time_methods(keys, src, outs, reps)
         bn_left = {}
         for k in keys:
@@ -664,9 +668,8 @@ def chain_scaling(sizes: list[int], keys: list[str], work: Path, reps: int, comm
                 bn_left[k] = None
         out["per_size"][str(n)] = {k: {"median_s": timing[k].get("median_s"), "min_s": timing[k].get("min_s"),
                                        "error": timing[k].get("error"), "bn_left": bn_left[k]} for k in keys}
-        if command_reps:
-            log(f"chain of {n} as commands")
-            out["per_size"][str(n)]["commands"] = command_runs(src, work, command_reps, table=True)
+        if commands is not None:
+            out["per_size"][str(n)]["commands"] = commands
     for k in keys:
         ratios = []
         for a, b in zip(sizes, sizes[1:]):
