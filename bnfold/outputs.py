@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import stat
@@ -131,7 +130,7 @@ def check_folder_writable(folder: Path, label: str, path: Path) -> None:
         raise BnfoldError(f"{label} {path}: cannot reach folder {folder} ({exc.strerror})") from None
     if not stat.S_ISDIR(st.st_mode):
         raise BnfoldError(f"{label} {path}: {folder} is not a folder")
-    probe = folder / f".bnfold-probe.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    probe = folder / f".bnfold-probe.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -255,7 +254,7 @@ def model_companions(out: str | os.PathLike) -> list[Path]:
 
 def new_data_name(out: str | os.PathLike) -> str:
     """A fresh external-data file name for a model written to ``out``: ``<name>.<12 hex>.data``."""
-    return f"{Path(out).name}.{secrets.token_hex(6)}.data"
+    return f"{Path(out).name}.{os.urandom(6).hex()}.data"
 
 
 class OutputPlan:
@@ -373,7 +372,7 @@ class OutputPlan:
 # ------------------------------------------------------------------------------------------------ temporaries
 def temp_name(out: str | os.PathLike) -> str:
     """``.<name>.<pid>.<8 hex>.bnfold-tmp``: recognisable, and tied to the process that owns it."""
-    return f".{Path(out).name[:120]}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    return f".{Path(out).name[:120]}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
 
 
 def _alive(pid: int) -> bool:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -205,7 +204,7 @@ class Source:
     path: Path
     skeleton: onnx.ModelProto
     external: bool  #: the model keeps its tensors in external data files
-    token: str = field(default_factory=lambda: secrets.token_hex(6))
+    token: str = field(default_factory=lambda: os.urandom(6).hex())
     refs: list[Ref] = field(default_factory=list)
     files: list[tuple[int, _Paged | None]] = field(default_factory=list)  #: (fd, map) per file
     _closed: bool = False
