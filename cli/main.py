@@ -29,7 +29,6 @@ from .common import (
     weights_note,
     weights_options,
 )
-from .render import precision_table, report_table
 
 
 def resolve_providers(eps, **kwargs):
@@ -136,9 +135,11 @@ def _finish(report, *, json_mode: bool, verdict: str, model: str, report_path: P
     if json_mode:
         click.echo(strict_json(report.to_dict()))
     elif not click.get_current_context().meta.get("quiet") and report.entries:
+        from .render import report_table  # (rich's table: only when a table is printed)
         con.print(report_table(report, f"{model}: {report.bn_total} BatchNorm", con.width))
     prec = report.extra.get("precision")
     if prec and not json_mode and not click.get_current_context().meta.get("quiet"):
+        from .render import precision_table
         con.print(precision_table(prec, all_layers=all_layers))
     if prec:
         con.print(f"range: {prec['summary']}; activations from {prec['activations_from']}", soft_wrap=True)
