@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.text import Text
 
 from bnfold.errors import BnfoldError, Terminated, VerificationFailed
 from bnfold.outputs import handle_signals, printable, strict_json
@@ -22,30 +21,87 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-class SafeConsole(Console):
-    """A console on which text is data: no markup, no emoji codes, no highlighting, and every string printed
-    has its control characters escaped (a node name cannot move the cursor, set the title or write the
-    clipboard). Styling is given explicitly with :func:`styled` pieces."""
+class Styled(str):
+    """Escaped text with a rich style (:func:`styled`): coloured on a terminal, plain text elsewhere."""
 
-    def __init__(self, **kwargs):
-        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
-
-    def print(self, *objects, **kwargs):
-        kwargs.pop("markup", None)
-        if all(isinstance(o, (str, Text)) for o in objects):
-            kwargs.setdefault("soft_wrap", True)  # a line stays one line; tables keep the console's width
-        super().print(*(Text(printable(o)) if isinstance(o, str) else o for o in objects), **kwargs)
+    style: str = ""
 
 
-def styled(text, style: str) -> Text:
+def styled(text, style: str) -> Styled:
     """``text`` (escaped) in ``style``: the only way to colour output on a :class:`SafeConsole`."""
-    return Text(printable(text), style=style)
+    s = Styled(printable(text))
+    s.style = style
+    return s
+
+
+@functools.cache
+def _rich_console_class():
+    from rich.console import Console
+    from rich.text import Text
+
+    class RichSafeConsole(Console):
+        """A rich console on which text is data: no markup, no emoji codes, no highlighting, and every string
+        printed has its control characters escaped (a node name cannot move the cursor, set the title or
+        write the clipboard). Styling is given explicitly with :func:`styled` pieces."""
+
+        def __init__(self, **kwargs):
+            super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+        def print(self, *objects, **kwargs):
+            kwargs.pop("markup", None)
+            if all(isinstance(o, (str, Text)) for o in objects):
+                kwargs.setdefault("soft_wrap", True)  # a line stays one line; tables keep the console's width
+            super().print(*(Text(o, style=o.style) if isinstance(o, Styled) else
+                            Text(printable(o)) if isinstance(o, str) else o for o in objects), **kwargs)
+    return RichSafeConsole
+
+
+#: environment variables with which rich styles output that is not a terminal
+_FORCE_STYLE = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "JUPYTER_LINES")
+
+
+class SafeConsole:
+    """Where the commands print: rich's console (:func:`_rich_console_class`, escaping every string), created
+    when first needed. A line of text (strings and :func:`styled` pieces) printed to something that is not a
+    terminal is written as rich writes it there, unstyled, without importing rich (about 25 ms of every
+    command's start-up); tables, progress and terminals go through rich."""
+
+    def __init__(self, *, stderr: bool = False, **kwargs):
+        self._stderr, self._kwargs, self._rich = stderr, kwargs, None
+
+    @property
+    def rich(self):
+        if self._rich is None:
+            self._rich = _rich_console_class()(stderr=self._stderr, **self._kwargs)
+        return self._rich
+
+    def _plain_file(self):
+        """The stream to write a plain line to, or None when rich must print (a terminal, forced styles)."""
+        if self._rich is not None or self._kwargs or any(os.environ.get(v) for v in _FORCE_STYLE):
+            return None
+        f = sys.stderr if self._stderr else sys.stdout
+        try:
+            return None if f.isatty() else f
+        except (AttributeError, ValueError):
+            return None
+
+    def print(self, *objects, sep: str = " ", end: str = "\n", **kwargs):
+        f = self._plain_file() if set(kwargs) <= {"soft_wrap"} and all(isinstance(o, str) for o in objects) \
+            else None
+        if f is None:
+            self.rich.print(*objects, sep=sep, end=end, **kwargs)
+            return
+        f.write(sep.join(o if isinstance(o, Styled) else printable(o) for o in objects) + end)
+        f.flush()
+
+    def __getattr__(self, name):  # width, file, ...: rich's
+        return getattr(self.rich, name)
 
 
 err_console = SafeConsole(stderr=True)
 
 
-def out_console(json_mode: bool) -> Console:
+def out_console(json_mode: bool) -> SafeConsole:
     """Where human-readable output goes: stderr when stdout carries JSON."""
     return err_console if json_mode else SafeConsole()
 

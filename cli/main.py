@@ -551,7 +551,7 @@ def bench(models, eps, opt_levels, batches, warmup, iters, sessions, session_tim
         if len(targets) != 1:
             raise BnfoldError(f"--aa takes one model, not {len(targets)}")
         from bnfold.bench import aa_check
-        with Progress(console=con, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
+        with Progress(console=con.rich, transient=True, disable=bool(quiet) or not con.is_terminal) as progress:
             task = progress.add_task("A/A", total=aa_repeats)
             result = aa_check(targets[0], copies=aa_copies, repeats=aa_repeats,
                               progress=lambda k, n: progress.update(task, completed=k), **kwargs)
@@ -624,7 +624,7 @@ def train_cmd(name, output, data, epochs, lr, batch_size, seed, optimizer, devic
     con = out_console(json_mode)
     quiet = click.get_current_context().meta.get("quiet")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TimeRemainingColumn(), console=con, disable=bool(quiet) or not con.is_terminal,
+                  TimeRemainingColumn(), console=con.rich, disable=bool(quiet) or not con.is_terminal,
                   transient=True) as progress:
         task = progress.add_task(f"training {name}", total=None)
 

@@ -19,7 +19,8 @@ class BenchDisplay:
     ``progress=``); use as a context manager so the bar is removed whatever happens."""
 
     def __init__(self, console: Console, quiet: bool = False, prefix: str = ""):
-        self.console, self.quiet, self.prefix = console, quiet, prefix
+        # rich's own console (bnfold.cli.common.SafeConsole creates it when first needed): the bar draws on it
+        self.console, self.quiet, self.prefix = getattr(console, "rich", console), quiet, prefix
         self.bar: Progress | None = None
         self.task = None
 

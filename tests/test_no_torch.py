@@ -57,3 +57,50 @@ def test_fold_without_verify_never_imports_onnxruntime(small, args):
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ORT-FREE" in proc.stderr, proc.stderr[-2000:]
+
+
+RICH_PROBE = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("\\nRICH-IMPORTED\\n" if "rich" in sys.modules else "\\nRICH-FREE\\n"))
+from bnfold.cli.main import main
+sys.argv = ["bnfold"] + sys.argv[1:]
+main()
+"""
+
+
+def test_a_quiet_fold_to_a_pipe_prints_its_line_without_rich(small):
+    """rich costs ~25 ms of start-up: a line of text to a pipe (or file) is written as rich would write it
+    there (no styles), and rich is imported only for a table, a progress bar or a terminal."""
+    assert "RICH-FREE" in RICH_PROBE
+    argv = ["fold", f"{small}/small.onnx", "-o", f"{small}/folded_q.onnx", "-q"]
+    proc = subprocess.run([sys.executable, "-c", RICH_PROBE, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RICH-FREE" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.startswith("FOLDED | 1/1 BatchNorm folded"), proc.stdout
+    onnx.checker.check_model(onnx.load(f"{small}/folded_q.onnx"), full_check=True)
+    # the same command with its table: rich prints it
+    argv = ["fold", f"{small}/small.onnx", "-o", f"{small}/folded_t.onnx"]
+    proc = subprocess.run([sys.executable, "-c", RICH_PROBE, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "RICH-IMPORTED" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plain_and_rich_lines_are_the_same_text():
+    """What the plain path writes for strings and styled pieces is what rich writes to a non-terminal, control
+    characters escaped either way."""
+    import io
+
+    from bnfold.cli.common import SafeConsole, styled
+
+    pieces = [styled("error:", "bold red"), "node 'a\x1b[31mb\tc' is \u202ebad\u202c", styled("x\ny", "dim")]
+    plain, rich = io.StringIO(), io.StringIO()
+    old = sys.stdout
+    try:
+        sys.stdout = plain
+        SafeConsole().print(*pieces)
+        sys.stdout = rich
+        con = SafeConsole()
+        con.rich.print(*pieces)  # (a console whose rich part exists prints through rich)
+    finally:
+        sys.stdout = old
+    assert plain.getvalue() == rich.getvalue()
+    assert "\x1b" not in plain.getvalue() and "\\x1b" in plain.getvalue() and "\u202e" not in plain.getvalue()
