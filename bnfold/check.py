@@ -8,9 +8,11 @@ data's size, which the index checked exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -42,6 +44,74 @@ def checker_error(model: onnx.ModelProto | str | os.PathLike) -> str | None:
         text = str(exc).strip()
         return text.splitlines()[0] if text else type(exc).__name__
     return None
+
+
+def _fork_is_safe() -> bool:
+    """A fork copies only the calling thread: safe when no other thread (Python's, or the native pools that
+    onnxruntime and torch start) may hold a lock the child needs."""
+    import sys
+    import threading
+
+    return (hasattr(os, "fork") and sys.platform.startswith("linux") and threading.active_count() == 1
+            and "onnxruntime" not in sys.modules and "torch" not in sys.modules and _BACKGROUND_CHECK)
+
+
+_BACKGROUND_CHECK = True  #: tests that count the checker's calls in this process switch it off
+
+
+def checker_error_in_background(model: onnx.ModelProto | str | os.PathLike) -> Callable[[], str | None]:
+    """:func:`checker_error` of ``model`` as it is now, computed in a forked child while this process goes on
+    (the checker holds the GIL: a thread would not overlap it); the returned function waits for it. Without a
+    safe fork (see :func:`_fork_is_safe`), or when the child fails, the check runs in this process."""
+    if not _fork_is_safe():
+        err = checker_error(model)
+        return lambda: err
+    import json
+
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        err = checker_error(model)
+        return lambda: err
+    if pid == 0:  # the child: check, write the verdict, leave without running the parent's exit handlers
+        code = 1
+        try:
+            os.close(r)
+            data = json.dumps({"error": checker_error(model)}).encode()
+            while data:
+                data = data[os.write(w, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    done: list = []  # the verdict, once read (the function may be called again)
+
+    def wait() -> str | None:
+        if not done:
+            done.append(_read_verdict())
+        return done[0]
+
+    def _read_verdict() -> str | None:
+        chunks = []
+        try:
+            while chunk := os.read(r, 1 << 16):
+                chunks.append(chunk)
+            _, status = os.waitpid(pid, 0)
+        except BaseException:  # interrupted: the child goes too
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            raise
+        finally:
+            os.close(r)
+        if status != 0 or not chunks:  # the child died (killed, out of memory): check here instead
+            log.debug("background check failed (status %s): checking in this process", status)
+            return checker_error(model)
+        return json.loads(b"".join(chunks))["error"]
+    return wait
 
 
 def folded_checker(original: onnx.ModelProto | str | os.PathLike, label: str, warnings: list[str]):

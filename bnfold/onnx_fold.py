@@ -53,13 +53,34 @@ def check_input(model: onnx.ModelProto, name: str = "", *, source_path=None) -> 
     """Refuse (:class:`BnfoldError`, the checker's message) a model the full onnx.checker rejects, or whose
     string attributes are not text. (Tensor data that does not match its dims, which the checker does not look
     at, is refused when a fold reads it: :meth:`bnfold.graph.ModelGraph.const`.)"""
-    from bnfold.check import checker_error
+    check_input_started(model, name, source_path=source_path)()
+
+
+def check_input_started(model: onnx.ModelProto, name: str = "", *, source_path=None):
+    """:func:`check_input`, its checker run in the background (:func:`bnfold.check.checker_error_in_background`,
+    which takes the model as it is now); the text check runs here. Call the returned function to wait for the
+    verdict (it raises as :func:`check_input` does)."""
+    from bnfold.check import checker_error_in_background
 
     label = name or "model"
     # the file the model was loaded from, when given, is checked as a file (no re-serialization of the model)
-    err = checker_error(source_path if source_path is not None else model)
-    if err is not None:
-        raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it")
+    verdict = checker_error_in_background(source_path if source_path is not None else model)
+    try:
+        _check_text(model, label)
+    except BaseException:
+        err = verdict()  # the checker's complaint, when there is one, is the one to report
+        if err is not None:
+            raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it") from None
+        raise
+
+    def wait() -> None:
+        err = verdict()
+        if err is not None:
+            raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it")
+    return wait
+
+
+def _check_text(model: onnx.ModelProto, label: str) -> None:
     for g in walk_graphs(model.graph):
         for node in g.node:
             for a in node.attribute:
@@ -94,16 +115,24 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, dr
     ``materialize``: the rounding hook of :func:`bnfold.planner.apply` (reduced precision).
     Raises :class:`BnfoldError` on invalid statistics or a model onnx.checker rejects."""
     options = options or FoldOptions()
-    check_input(model, name, source_path=source_path)
-    if dry_run:
-        p = planner.plan(model, _plan_options(options))
-        return None, p.report(name=name, dry_run=True)
-    if inplace:
-        out = model
-    else:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    p = planner.plan(out, _plan_options(options))
+    # the input is checked in a child process while this one plans (nothing is written before the verdict;
+    # when planning fails, the checker's complaint, if any, is the error reported)
+    checked = check_input_started(model, name, source_path=source_path)
+    try:
+        if dry_run:
+            p = planner.plan(model, _plan_options(options))
+            checked()
+            return None, p.report(name=name, dry_run=True)
+        if inplace:
+            out = model
+        else:
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+        p = planner.plan(out, _plan_options(options))
+    except BaseException:
+        checked()
+        raise
+    checked()
     report = p.report(name=name)
     planner.apply(p, materialize=materialize)
     meta = {"version": __version__, "bn_total": report.bn_total, "folded": report.folded,
