@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -59,59 +58,82 @@ def _fork_is_safe() -> bool:
 _BACKGROUND_CHECK = True  #: tests that count the checker's calls in this process switch it off
 
 
-def checker_error_in_background(model: onnx.ModelProto | str | os.PathLike) -> Callable[[], str | None]:
-    """:func:`checker_error` of ``model`` as it is now, computed in a forked child while this process goes on
-    (the checker holds the GIL: a thread would not overlap it); the returned function waits for it. Without a
-    safe fork (see :func:`_fork_is_safe`), or when the child fails, the check runs in this process."""
-    if not _fork_is_safe():
-        err = checker_error(model)
-        return lambda: err
-    import json
+class BackgroundCheck:
+    """:func:`checker_error` of a model as it was when this was made, computed in a forked child while this
+    process goes on (the checker holds the GIL: a thread would not overlap it). :meth:`wait` gives the verdict;
+    :meth:`cancel` stops the child (on an interrupt: nothing is checked then). Without a safe fork (see
+    :func:`_fork_is_safe`), or when the child fails, the check runs in this process."""
 
-    r, w = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        err = checker_error(model)
-        return lambda: err
-    if pid == 0:  # the child: check, write the verdict, leave without running the parent's exit handlers
-        code = 1
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike):
+        self.model, self.pid, self._fd, self._done = model, None, None, []
+        if not _fork_is_safe():
+            return
+        r, w = os.pipe()
         try:
+            pid = os.fork()
+        except OSError:
             os.close(r)
-            data = json.dumps({"error": checker_error(model)}).encode()
-            while data:
-                data = data[os.write(w, data):]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    done: list = []  # the verdict, once read (the function may be called again)
+            os.close(w)
+            return
+        if pid == 0:  # the child: check, write the verdict, leave without running the parent's exit handlers
+            code = 1
+            try:
+                import json
+                import signal
 
-    def wait() -> str | None:
-        if not done:
-            done.append(_read_verdict())
-        return done[0]
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and kills it on an interrupt)
+                os.close(r)
+                data = json.dumps({"error": checker_error(model)}).encode()
+                while data:
+                    data = data[os.write(w, data):]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self._fd = pid, r
 
-    def _read_verdict() -> str | None:
-        chunks = []
-        try:
-            while chunk := os.read(r, 1 << 16):
-                chunks.append(chunk)
-            _, status = os.waitpid(pid, 0)
-        except BaseException:  # interrupted: the child goes too
+    def wait(self) -> str | None:
+        if not self._done:
+            self._done.append(self._verdict())
+        return self._done[0]
+
+    __call__ = wait
+
+    def cancel(self) -> None:
+        if self.pid is not None and not self._done:
             with contextlib.suppress(OSError):
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+            os.close(self._fd)
+            self._done.append(None)
+
+    def _verdict(self) -> str | None:
+        if self.pid is None:
+            return checker_error(self.model)
+        import json
+
+        chunks = []
+        status = -1
+        try:
+            while chunk := os.read(self._fd, 1 << 16):
+                chunks.append(chunk)
+            _, status = os.waitpid(self.pid, 0)
+        except BaseException:  # interrupted while waiting: the child goes too
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
             raise
         finally:
-            os.close(r)
+            os.close(self._fd)
         if status != 0 or not chunks:  # the child died (killed, out of memory): check here instead
             log.debug("background check failed (status %s): checking in this process", status)
-            return checker_error(model)
+            return checker_error(self.model)
         return json.loads(b"".join(chunks))["error"]
-    return wait
+
+
+def checker_error_in_background(model: onnx.ModelProto | str | os.PathLike) -> BackgroundCheck:
+    """A :class:`BackgroundCheck` of ``model`` (call it, or its ``wait``, for the verdict)."""
+    return BackgroundCheck(model)
 
 
 def folded_checker(original: onnx.ModelProto | str | os.PathLike, label: str, warnings: list[str]):

@@ -65,18 +65,21 @@ def check_input_started(model: onnx.ModelProto, name: str = "", *, source_path=N
     label = name or "model"
     # the file the model was loaded from, when given, is checked as a file (no re-serialization of the model)
     verdict = checker_error_in_background(source_path if source_path is not None else model)
-    try:
-        _check_text(model, label)
-    except BaseException:
-        err = verdict()  # the checker's complaint, when there is one, is the one to report
-        if err is not None:
-            raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it") from None
-        raise
 
-    def wait() -> None:
+    def wait(failed: BaseException | None = None) -> None:
+        """Raise the checker's complaint, if any (it wins over ``failed``, an error of the work done meanwhile);
+        on an interrupt (``failed`` not an Exception) the check is abandoned."""
+        if failed is not None and not isinstance(failed, Exception):
+            verdict.cancel()
+            return
         err = verdict()
         if err is not None:
-            raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it")
+            raise BnfoldError(f"{label}: not a valid ONNX model ({err[:300]}); fix or re-export it") from None
+    try:
+        _check_text(model, label)
+    except BaseException as exc:
+        wait(exc)
+        raise
     return wait
 
 
@@ -129,8 +132,8 @@ def fold_model(model: onnx.ModelProto, options: FoldOptions | None = None, *, dr
             out = onnx.ModelProto()
             out.CopyFrom(model)
         p = planner.plan(out, _plan_options(options))
-    except BaseException:
-        checked()
+    except BaseException as exc:
+        checked(exc)
         raise
     checked()
     report = p.report(name=name)

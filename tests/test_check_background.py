@@ -123,3 +123,34 @@ def test_a_valid_fold_with_the_background_check(tmp_path, monkeypatch):
     ref, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
                 for p in (tmp_path / "ok.onnx", tmp_path / "out.onnx"))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch):
+    """Ctrl-C while planning: the child is stopped and nothing is checked in this process (the interrupt is
+    not delayed by a check), and no child is left behind."""
+    from bnfold import planner
+
+    _valid(tmp_path / "ok.onnx")
+    monkeypatch.setattr(check, "_fork_is_safe", lambda: True)
+    import time
+
+    parent = os.getpid()
+    here: list = []
+    marker = tmp_path / "child-finished"
+
+    def slow_check(m):  # the child's check takes a while, then leaves a mark
+        if os.getpid() == parent:
+            here.append(m)
+            return None
+        time.sleep(0.5)
+        marker.write_text("done")
+        return None
+    monkeypatch.setattr(check, "checker_error", slow_check)
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out.onnx")
+    assert here == [] and not (tmp_path / "out.onnx").exists()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child of this process is left (running or a zombie)
+    time.sleep(1.0)
+    assert not marker.exists()  # the child was stopped, not waited for
