@@ -147,10 +147,20 @@ def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch):
         return None
     monkeypatch.setattr(check, "checker_error", slow_check)
     monkeypatch.setattr(planner, "plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    children: list = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            children.append(pid)
+        return pid
+    monkeypatch.setattr(os, "fork", fork)
     with pytest.raises(KeyboardInterrupt):
         fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out.onnx")
     assert here == [] and not (tmp_path / "out.onnx").exists()
+    assert len(children) == 1
     with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # no child of this process is left (running or a zombie)
+        os.waitpid(children[0], os.WNOHANG)  # the child is gone and reaped (not running, not a zombie)
     time.sleep(1.0)
     assert not marker.exists()  # the child was stopped, not waited for
