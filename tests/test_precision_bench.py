@@ -107,3 +107,67 @@ def test_merge_results_replaces_rows_adds_seeds_and_records_both(bench, tmp_path
     assert bench.main(["--render", str(target), "--merge", str(src)]) == 0
     assert len(json.loads(target.read_text())["rows"][0]["seeds"]) == 5
     assert "a wide: 3 more seeds (100-102) from more.json" in (tmp_path / "precision.md").read_text()
+
+
+def _chain(depth: int, width: int = 32) -> "torch.nn.Module":
+    """``depth`` x (Linear, BatchNorm1d, ReLU) with He-initialised weights (a layer gain of ~1 before the BN)."""
+    import torch
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        lin = torch.nn.Linear(width, width)
+        torch.nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(lin.bias)
+        layers += [lin, torch.nn.BatchNorm1d(width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def _scales(model) -> list:
+    import torch
+
+    return [(m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)).detach().numpy()
+            for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+
+
+def test_wide_norm_keeps_wides_spread_between_channels_at_unit_rms_gain(bench):
+    import copy
+
+    net = _chain(6, width=256)
+    wide, norm = bench.wide_bn(copy.deepcopy(net), seed=3), bench.wide_norm_bn(copy.deepcopy(net), seed=3)
+    for w, s in zip(_scales(wide), _scales(norm)):
+        np.testing.assert_allclose(s / w, np.full_like(s, (s / w)[0]), rtol=1e-6)  # wide's ratios, one factor
+        assert np.sqrt(np.mean(s ** 2)) == pytest.approx(1.0, rel=1e-6)  # the layer's RMS gain
+        assert s.max() / s.min() > 1e3  # far from 1 per channel, both ways
+        assert 0.03 < (s > 1).mean() < 0.3 and (s < 0.1).mean() > 0.3
+        assert np.sqrt(np.mean(w ** 2)) > 3  # wide's own gain, which compounds
+    for a, b in zip(wide.modules(), norm.modules()):  # beta, mean and variance are wide's draws
+        if isinstance(a, bench.torch.nn.BatchNorm1d):
+            for k in ("bias", "running_mean", "running_var"):
+                assert bench.torch.equal(getattr(a, k), getattr(b, k))
+
+
+def test_wide_norm_keeps_a_deep_float64_reference_inside_fp32(bench):
+    """60 BNs deep: wide's float64 output passes fp32's largest value, wide_norm's stays near the typical one."""
+    net = _chain(60)
+    x = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
+    fp32_max = float(np.finfo(np.float32).max)
+    wide = np.abs(bench.reference(bench.wide_bn(net, seed=1).eval(), x)).max()
+    norm = np.abs(bench.reference(bench.wide_norm_bn(net, seed=1).eval(), x)).max()
+    typical = np.abs(bench.reference(bench.BN_KINDS["typical"](net, seed=1).eval(), x)).max()
+    assert wide > fp32_max
+    assert 0 < norm < 1e4 and 1e-4 < norm / typical < 1e4
+
+
+def test_wide_norm_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, tmp_path):
+    res = _result({("a", "wide_norm"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)],
+                   ("a", "typical"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)]})
+    out = bench.merge_results(res, [], [])
+    v = {r["bn"]: r["summary"]["verdict_cpu_"] for r in out["rows"]}
+    assert v == {"wide_norm": "below / below", "typical": "within 5% / within 5%"}
+    assert bench.judge({"bn": "wide_norm", "candidates": {"bnfold_fp16": {"max_rel": 1.0, "mean_rel": 1.0},
+                                                          "occ_fp16_unfolded": {"max_rel": 1.0, "mean_rel": 1.0}}},
+                       "") == "NOT met"  # equal is not below
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bn", "wide_nrom", "--models", "mlp_bn", "--out", str(tmp_path)])
+    assert e.value.code == 2 and not list(tmp_path.iterdir())
