@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,10 +109,8 @@ def test_merge_results_replaces_rows_adds_seeds_and_records_both(bench, tmp_path
     assert "a wide: 3 more seeds (100-102) from more.json" in (tmp_path / "precision.md").read_text()
 
 
-def _chain(depth: int, width: int = 32) -> "torch.nn.Module":
+def _chain(depth: int, width: int = 32) -> torch.nn.Module:
     """``depth`` x (Linear, BatchNorm1d, ReLU) with He-initialised weights (a layer gain of ~1 before the BN)."""
-    import torch
-
     torch.manual_seed(0)
     layers = []
     for _ in range(depth):
@@ -124,8 +122,6 @@ def _chain(depth: int, width: int = 32) -> "torch.nn.Module":
 
 
 def _scales(model) -> list:
-    import torch
-
     return [(m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)).detach().numpy()
             for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
 
@@ -142,9 +138,9 @@ def test_wide_norm_keeps_wides_spread_between_channels_at_unit_rms_gain(bench):
         assert 0.03 < (s > 1).mean() < 0.3 and (s < 0.1).mean() > 0.3
         assert np.sqrt(np.mean(w ** 2)) > 3  # wide's own gain, which compounds
     for a, b in zip(wide.modules(), norm.modules()):  # beta, mean and variance are wide's draws
-        if isinstance(a, bench.torch.nn.BatchNorm1d):
+        if isinstance(a, torch.nn.BatchNorm1d):
             for k in ("bias", "running_mean", "running_var"):
-                assert bench.torch.equal(getattr(a, k), getattr(b, k))
+                assert torch.equal(getattr(a, k), getattr(b, k))
 
 
 def test_wide_norm_keeps_a_deep_float64_reference_inside_fp32(bench):
