@@ -126,44 +126,54 @@ def _scales(model) -> list:
             for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
 
 
-def test_wide_norm_keeps_wides_spread_between_channels_at_unit_rms_gain(bench):
+def test_wide_calib_bn_normalises_its_own_input_with_wides_gamma_and_beta(bench):
     import copy
 
     net = _chain(6, width=256)
-    wide, norm = bench.wide_bn(copy.deepcopy(net), seed=3), bench.wide_norm_bn(copy.deepcopy(net), seed=3)
-    for w, s in zip(_scales(wide), _scales(norm)):
-        np.testing.assert_allclose(s / w, np.full_like(s, (s / w)[0]), rtol=1e-6)  # wide's ratios, one factor
-        assert np.sqrt(np.mean(s ** 2)) == pytest.approx(1.0, rel=1e-6)  # the layer's RMS gain
-        assert s.max() / s.min() > 1e3  # far from 1 per channel, both ways
-        assert 0.03 < (s > 1).mean() < 0.3 and (s < 0.1).mean() > 0.3
-        assert np.sqrt(np.mean(w ** 2)) > 3  # wide's own gain, which compounds
-    for a, b in zip(wide.modules(), norm.modules()):  # beta, mean and variance are wide's draws
-        if isinstance(a, torch.nn.BatchNorm1d):
-            for k in ("bias", "running_mean", "running_var"):
-                assert torch.equal(getattr(a, k), getattr(b, k))
+    wide, calib = bench.wide_bn(copy.deepcopy(net), seed=3), bench.wide_calib_bn(copy.deepcopy(net), seed=3,
+                                                                                shape=(1, 256))
+    outs = []  # each BN's output on the calibration batch, in float64
+    x = torch.from_numpy(bench.calibration_input((1, 256), seed=3))
+    net64 = copy.deepcopy(calib).double().eval()
+    for m in net64.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.register_forward_hook(lambda m, i, o: outs.append(o.detach().numpy()))
+    with torch.no_grad():
+        net64(x)
+    bns = [(a, b) for a, b in zip(wide.modules(), calib.modules()) if isinstance(a, torch.nn.BatchNorm1d)]
+    assert len(outs) == len(bns) == 6
+    for (a, b), y in zip(bns, outs):  # wide's gamma and beta; the statistics are the input's own
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert not torch.equal(a.running_var, b.running_var)
+        np.testing.assert_allclose(y.mean(0), b.bias.detach().double().numpy(), atol=1e-4)
+        np.testing.assert_allclose(y.std(0), b.weight.detach().double().numpy(), rtol=1e-3)
+    for s in _scales(calib):  # far from 1 per channel, both ways
+        assert s.max() / s.min() > 100 and (s > 2).mean() > 0.1 and (s < 0.5).mean() > 0.1
+    with pytest.raises(ValueError, match="input shape"):
+        bench.wide_calib_bn(copy.deepcopy(net), seed=3)
 
 
-def test_wide_norm_keeps_a_deep_float64_reference_inside_fp32(bench):
-    """60 BNs deep: wide's float64 output passes fp32's largest value, wide_norm's stays near the typical one."""
+def test_wide_calib_keeps_a_deep_float64_reference_inside_fp32(bench):
+    """60 BNs deep: wide's float64 output passes fp32's largest value, wide_calib's stays near the typical one."""
     net = _chain(60)
     x = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
     fp32_max = float(np.finfo(np.float32).max)
     wide = np.abs(bench.reference(bench.wide_bn(net, seed=1).eval(), x)).max()
-    norm = np.abs(bench.reference(bench.wide_norm_bn(net, seed=1).eval(), x)).max()
+    calib = np.abs(bench.reference(bench.wide_calib_bn(net, seed=1, shape=(1, 32)).eval(), x)).max()
     typical = np.abs(bench.reference(bench.BN_KINDS["typical"](net, seed=1).eval(), x)).max()
     assert wide > fp32_max
-    assert 0 < norm < 1e4 and 1e-4 < norm / typical < 1e4
+    assert 0 < calib < 1e3 and 1e-3 < calib / typical < 1e3
 
 
-def test_wide_norm_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, tmp_path):
-    res = _result({("a", "wide_norm"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)],
+def test_wide_calib_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, tmp_path):
+    res = _result({("a", "wide_calib"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)],
                    ("a", "typical"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)]})
     out = bench.merge_results(res, [], [])
     v = {r["bn"]: r["summary"]["verdict_cpu_"] for r in out["rows"]}
-    assert v == {"wide_norm": "below / below", "typical": "within 5% / within 5%"}
-    assert bench.judge({"bn": "wide_norm", "candidates": {"bnfold_fp16": {"max_rel": 1.0, "mean_rel": 1.0},
+    assert v == {"wide_calib": "below / below", "typical": "within 5% / within 5%"}
+    assert bench.judge({"bn": "wide_calib", "candidates": {"bnfold_fp16": {"max_rel": 1.0, "mean_rel": 1.0},
                                                           "occ_fp16_unfolded": {"max_rel": 1.0, "mean_rel": 1.0}}},
                        "") == "NOT met"  # equal is not below
     with pytest.raises(SystemExit) as e:
-        bench.main(["--bn", "wide_nrom", "--models", "mlp_bn", "--out", str(tmp_path)])
+        bench.main(["--bn", "wide_clib", "--models", "mlp_bn", "--out", str(tmp_path)])
     assert e.value.code == 2 and not list(tmp_path.iterdir())
