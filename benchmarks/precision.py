@@ -44,6 +44,9 @@ Usage (torchvision and onnxconverter-common live in the shared venv; bnfold from
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --seeds 10 --samples 16 \
         --attribute [--modelopt-python /tmp/modelopt-venv/bin/python]          # precision.md / .json
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models tv --seeds 3 --samples 2 --tag _tv
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --bn wide_calib --seeds 3 --samples 2 \
+        --models resnet50,densenet121,regnet_y_400mf,efficientnet_b0,inception_v3 --tag _tv_wide_calib
+        # then --render precision_tv.json --replace precision_tv_wide_calib.json (rows added)
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --samples 4   # one realization,
         # with bf16 and the clamped / subnormal / kept counts: precision_single.md
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --bn typical --samples 4 \
@@ -717,9 +720,10 @@ def merge_results(into: dict, replace: list[tuple[str, dict]], merge: list[tuple
             key = (r["model"], r["bn"])
             if key in index:
                 out["rows"][index[key]] = copy.deepcopy(r)
-            else:
-                index[key] = len(out["rows"])
-                out["rows"].append(copy.deepcopy(r))
+            else:  # a new row goes after the rows of the same model (or at the end)
+                same = [i for i, x in enumerate(out["rows"]) if x["model"] == r["model"]]
+                out["rows"].insert(same[-1] + 1 if same else len(out["rows"]), copy.deepcopy(r))
+                index = {(x["model"], x["bn"]): i for i, x in enumerate(out["rows"])}
             done.append(f"{r['model']} {r['bn']}")
             stale = f"{r['model']} {r['bn']}: "  # seeds merged into the old row went with it
             meta["extra_seeds"] = [e for e in meta.get("extra_seeds", []) if not e.startswith(stale)]

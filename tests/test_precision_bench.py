@@ -174,6 +174,13 @@ def test_wide_calib_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, 
     assert bench.judge({"bn": "wide_calib", "candidates": {"bnfold_fp16": {"max_rel": 1.0, "mean_rel": 1.0},
                                                           "occ_fp16_unfolded": {"max_rel": 1.0, "mean_rel": 1.0}}},
                        "") == "NOT met"  # equal is not below
+    # a new BN kind's rows are added after the same model's rows
+    more = bench.merge_results(_result({("a", "typical"): [(0, 1.0, 1.0)], ("a", "wide"): [(0, 1.0, 1.0)],
+                                        ("b", "typical"): [(0, 1.0, 1.0)]}),
+                               [("c.json", _result({("a", "wide_calib"): [(0, 0.5, 1.0)],
+                                                    ("c", "wide_calib"): [(0, 0.5, 1.0)]}))], [])
+    assert [(r["model"], r["bn"]) for r in more["rows"]] == [("a", "typical"), ("a", "wide"), ("a", "wide_calib"),
+                                                             ("b", "typical"), ("c", "wide_calib")]
     with pytest.raises(SystemExit) as e:
         bench.main(["--bn", "wide_clib", "--models", "mlp_bn", "--out", str(tmp_path)])
     assert e.value.code == 2 and not list(tmp_path.iterdir())
