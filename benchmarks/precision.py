@@ -715,19 +715,23 @@ def merge_results(into: dict, replace: list[tuple[str, dict]], merge: list[tuple
     meta = out["meta"]
     index = {(r["model"], r["bn"]): i for i, r in enumerate(out["rows"])}
     for name, res in replace:
-        done = []
+        done, added = [], []
         for r in res["rows"]:
             key = (r["model"], r["bn"])
             if key in index:
                 out["rows"][index[key]] = copy.deepcopy(r)
+                done.append(f"{r['model']} {r['bn']}")
             else:  # a new row goes after the rows of the same model (or at the end)
                 same = [i for i, x in enumerate(out["rows"]) if x["model"] == r["model"]]
                 out["rows"].insert(same[-1] + 1 if same else len(out["rows"]), copy.deepcopy(r))
                 index = {(x["model"], x["bn"]): i for i, x in enumerate(out["rows"])}
-            done.append(f"{r['model']} {r['bn']}")
+                added.append(f"{r['model']} {r['bn']}")
             stale = f"{r['model']} {r['bn']}: "  # seeds merged into the old row went with it
             meta["extra_seeds"] = [e for e in meta.get("extra_seeds", []) if not e.startswith(stale)]
-        meta.setdefault("notes", []).append(f"{', '.join(done)} re-run {res['meta'].get('date', '?')} ({name})")
+        for what, rows in (("re-run", done), ("added", added)):
+            if rows:
+                meta.setdefault("notes", []).append(f"{', '.join(rows)} {what} {res['meta'].get('date', '?')} "
+                                                    f"({name})")
     for name, res in merge:
         for r in res["rows"]:
             key = (r["model"], r["bn"])

@@ -181,6 +181,7 @@ def test_wide_calib_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, 
                                                     ("c", "wide_calib"): [(0, 0.5, 1.0)]}))], [])
     assert [(r["model"], r["bn"]) for r in more["rows"]] == [("a", "typical"), ("a", "wide"), ("a", "wide_calib"),
                                                              ("b", "typical"), ("c", "wide_calib")]
+    assert more["meta"]["notes"] == ["a wide_calib, c wide_calib added d (c.json)"]
     with pytest.raises(SystemExit) as e:
         bench.main(["--bn", "wide_clib", "--models", "mlp_bn", "--out", str(tmp_path)])
     assert e.value.code == 2 and not list(tmp_path.iterdir())
