@@ -2,7 +2,9 @@
 
 For every model (the bnfold zoo and torchvision classifiers) and two kinds of BatchNorm statistics --
 ``typical`` (``zoo.randomize_bn``: gamma in [0.5, 1.5], variance in [0.5, 1.5], so every BN scale is near 1) and
-``wide`` (gamma log-uniform in [0.1, 10], variance log-uniform in [1e-3, 1e3]: BN scales from ~3e-3 to ~300) --
+``wide`` (gamma log-uniform in [0.1, 10], variance log-uniform in [1e-3, 1e3]: BN scales from ~3e-3 to ~300) and
+``wide_calib`` (``wide``'s gamma and beta, BN mean and variance measured on data as training leaves them: every
+BN normalises, so deep networks stay inside fp32's range, see :func:`wide_calib_bn`) --
 the unfolded model is exported to ONNX (fp32, BatchNorms kept) and turned into:
 
 =========================  ==========================================================================================
@@ -42,6 +44,9 @@ Usage (torchvision and onnxconverter-common live in the shared venv; bnfold from
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --seeds 10 --samples 16 \
         --attribute [--modelopt-python /tmp/modelopt-venv/bin/python]          # precision.md / .json
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models tv --seeds 3 --samples 2 --tag _tv
+    PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --bn wide_calib --seeds 3 --samples 2 \
+        --models resnet50,densenet121,regnet_y_400mf,efficientnet_b0,inception_v3 --tag _tv_wide_calib
+        # then --render precision_tv.json --replace precision_tv_wide_calib.json (rows added)
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --samples 4   # one realization,
         # with bf16 and the clamped / subnormal / kept counts: precision_single.md
     PYTHONPATH=. /work/venv-timm/bin/python benchmarks/precision.py --models zoo --bn typical --samples 4 \
@@ -116,6 +121,65 @@ def wide_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                     m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
                     m.running_var.copy_(10 ** (torch.rand(c, generator=g) * 6 - 3))
     return model
+
+
+def calibration_input(shape: tuple, seed: int = 0) -> np.ndarray:
+    """The random normal batch on which :func:`wide_calib_bn` measures BN statistics (not the evaluation inputs):
+    2 samples, or as many as give each channel at least 256 values (batch x space) when the input is small."""
+    space = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    samples = max(2, -(-256 // space))
+    return np.random.default_rng(20_000 + seed).standard_normal((samples,) + tuple(shape[1:]))
+
+
+def wide_calib_bn(model: torch.nn.Module, seed: int = 0, shape: tuple | None = None) -> torch.nn.Module:
+    """BN scales far from 1 per channel whose float64 model stays inside fp32's range on deep networks.
+
+    ``wide_bn`` draws gamma and the running variance independently of what reaches the BN, so nothing normalises:
+    its scales ``gamma / sqrt(var + eps)`` have a root mean square of ~10-50 per layer, what the next layer sees
+    grows by that much at every BN, and over the 50-120 BNs of a torchvision network the float64 reference
+    reaches 1e36-1e123 (no fp16 or fp32 model can be finite). Here gamma and beta are ``wide``'s draws (same seed:
+    gamma log-uniform [0.1, 10], half the channels above 1 and half below, 100x between the extremes) and the
+    running mean and variance are what training leaves there: the statistics of the BN's own input, per channel
+    (over batch and space), measured in float64 in network order on :func:`calibration_input` (random normal
+    samples of ``shape``, 2 or enough for 256 values per channel; not the evaluation inputs), each BN normalising before the next is measured. Each BN's
+    output then has per-channel mean beta and standard deviation gamma on that data whatever came in, so nothing
+    compounds, and its scale ``gamma / std(input)`` is as far from 1 as gamma and the input's spread between
+    channels make it (zoo and torchvision: >= 100x between channels within a layer, many channels far above and
+    below 1). BNs without affine parameters or running statistics keep ``wide_bn``'s treatment."""
+    if shape is None:
+        raise ValueError("wide_calib needs the input shape (its BN statistics are measured on data)")
+    wide_bn(model, seed=seed)
+    net64 = copy.deepcopy(model).double().eval()
+    pairs = [(a, b) for a, b in zip(model.modules(), net64.modules())
+             if isinstance(a, torch.nn.modules.batchnorm._BatchNorm) and a.track_running_stats]
+
+    def measure(m, inputs):
+        x = inputs[0]
+        dims = [0] + list(range(2, x.dim()))
+        m.running_mean.copy_(x.mean(dims))
+        m.running_var.copy_(x.var(dims, unbiased=False))
+
+    hooks = [b.register_forward_pre_hook(measure) for _, b in pairs]
+    try:
+        with torch.no_grad():
+            net64(torch.from_numpy(calibration_input(shape, seed)))
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for a, b in pairs:
+            a.running_mean.copy_(b.running_mean)
+            a.running_var.copy_(b.running_var)
+    return model
+
+
+#: BN statistics by ``--bn`` name; every kind but ``typical`` has scales far from 1 (the "below" acceptance).
+BN_KINDS = {"typical": lambda model, seed=0, shape=None: load_zoo().randomize_bn(model, seed=seed),
+            "wide": lambda model, seed=0, shape=None: wide_bn(model, seed=seed), "wide_calib": wide_calib_bn}
+
+
+def is_wide(bn: str) -> bool:
+    return bn != "typical"
 
 
 def build(kind: str, name: str):
@@ -281,7 +345,7 @@ def errors(out: np.ndarray, ref: np.ndarray) -> dict:
 
 def evaluate(kind: str, name: str, bn: str, samples: int, seed: int, keep: dict | None) -> dict:
     net, shape = build(kind, name)
-    net = (wide_bn if bn == "wide" else load_zoo().randomize_bn)(net, seed=seed).eval()
+    net = BN_KINDS[bn](net, seed=seed, shape=shape).eval()
     x = np.random.default_rng(seed + 1).standard_normal((samples,) + shape[1:]).astype(np.float32)
     with torch.no_grad():
         ref = copy.deepcopy(net).double()(torch.from_numpy(x.astype(np.float64)))
@@ -338,7 +402,7 @@ def judge(row: dict, prefix: str) -> str:
     if not all(k in b and k in o for k in keys):
         return "n/a"
     ok = all(b[k] <= 1.05 * o[k] for k in keys)
-    if row["bn"] == "wide":
+    if is_wide(row["bn"]):
         ok = ok and all(b[k] < o[k] for k in keys)
     return "met" if ok else "NOT met"
 
@@ -477,7 +541,7 @@ def realize(kind: str, name: str, shape: tuple, bn: str, seed: int, samples: int
     """One realization: fresh weights and BN statistics (``seed``), ``samples`` fresh inputs; the errors of
     bnfold fp16, onnxconverter-common on the unfolded model, on bnfold's fp32 fold and on the twin (A/A)."""
     net = build_seeded(kind, name, seed)
-    net = (wide_bn if bn == "wide" else load_zoo().randomize_bn)(net, seed=seed).eval()
+    net = BN_KINDS[bn](net, seed=seed, shape=shape).eval()
     x = np.random.default_rng(10_000 + seed).standard_normal((samples,) + tuple(shape[1:])).astype(np.float32)
     ref = reference(net, x)
     net_b = twin(net, seed)
@@ -591,7 +655,7 @@ def summarize(row: dict) -> dict:
             if good:
                 s[f"bnfold_{k}"] = _gm([r["bnfold_fp16"][k] for r in good])
                 s[f"occ_{k}"] = _gm([r["occ_fp16_unfolded"][k] for r in good])
-    wide = row["bn"] == "wide"
+    wide = is_wide(row["bn"])
     for pre in ("", "emu_"):
         parts = []
         for k in ("max", "mean"):
@@ -651,18 +715,23 @@ def merge_results(into: dict, replace: list[tuple[str, dict]], merge: list[tuple
     meta = out["meta"]
     index = {(r["model"], r["bn"]): i for i, r in enumerate(out["rows"])}
     for name, res in replace:
-        done = []
+        done, added = [], []
         for r in res["rows"]:
             key = (r["model"], r["bn"])
             if key in index:
                 out["rows"][index[key]] = copy.deepcopy(r)
-            else:
-                index[key] = len(out["rows"])
-                out["rows"].append(copy.deepcopy(r))
-            done.append(f"{r['model']} {r['bn']}")
+                done.append(f"{r['model']} {r['bn']}")
+            else:  # a new row goes after the rows of the same model (or at the end)
+                same = [i for i, x in enumerate(out["rows"]) if x["model"] == r["model"]]
+                out["rows"].insert(same[-1] + 1 if same else len(out["rows"]), copy.deepcopy(r))
+                index = {(x["model"], x["bn"]): i for i, x in enumerate(out["rows"])}
+                added.append(f"{r['model']} {r['bn']}")
             stale = f"{r['model']} {r['bn']}: "  # seeds merged into the old row went with it
             meta["extra_seeds"] = [e for e in meta.get("extra_seeds", []) if not e.startswith(stale)]
-        meta.setdefault("notes", []).append(f"{', '.join(done)} re-run {res['meta'].get('date', '?')} ({name})")
+        for what, rows in (("re-run", done), ("added", added)):
+            if rows:
+                meta.setdefault("notes", []).append(f"{', '.join(rows)} {what} {res['meta'].get('date', '?')} "
+                                                    f"({name})")
     for name, res in merge:
         for r in res["rows"]:
             key = (r["model"], r["bn"])
@@ -709,8 +778,13 @@ def markdown_seeds(rows: list[dict], meta: dict) -> str:
              "second, equally valid rounding) against onnxconverter-common on the model: what chance alone gives. "
              "*cpu*: as ONNX Runtime's CPU provider runs the fp16 models (parameters rounded, activations not); "
              "*emulated*: every fp16 tensor rounded after its producer. Acceptance: typical statistics, geometric "
-             "mean <= 1.05 (NOT when the whole interval is above 1.05, *within noise* otherwise); wide, geometric "
-             "mean < 1 (*below* when the whole interval is).", "",
+             "mean <= 1.05 (NOT when the whole interval is above 1.05, *within noise* otherwise); wide and "
+             "wide_calib, geometric mean < 1 (*below* when the whole interval is). BN statistics: *typical* gamma "
+             "and variance in [0.5, 1.5]; *wide* gamma log-uniform [0.1, 10], variance log-uniform [1e-3, 1e3] "
+             "(per-channel scales 3e-3..300, compounding to beyond fp32's range on deep networks); *wide_calib* "
+             "wide's gamma and beta with each BN's mean and variance measured on its own input (2 random samples, "
+             "in float64, as training leaves them): every BN normalises, so nothing compounds, while its scales "
+             "stay far from 1 per channel.", "",
              "| model | BN | n | ratio max (cpu) | ratio mean (cpu) | A/A max (cpu) | A/A mean (cpu) | ratio max "
              "(emulated) | ratio mean (emulated) | A/A max (emu) | A/A mean (emu) | occ unfolded inf (emu) | "
              "verdict cpu | verdict emulated | bnfold / ModelOpt max, mean (cpu) | bnfold / ModelOpt max, mean "
@@ -842,7 +916,7 @@ def write(args, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="zoo,tv", help="zoo, tv, or names (comma-separated)")
-    ap.add_argument("--bn", default="typical,wide", help="typical, wide (comma-separated)")
+    ap.add_argument("--bn", default="typical,wide", help=f"{', '.join(BN_KINDS)} (comma-separated)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", action="store_true", help="also time the models (quiet machine only)")
@@ -863,6 +937,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if (args.replace or args.merge) and not args.render:
         ap.error("--replace and --merge need --render (the result they change)")
+    bad = [b for b in args.bn.split(",") if b not in BN_KINDS]
+    if bad:
+        ap.error(f"--bn {bad[0]}: not one of {', '.join(BN_KINDS)}")
     if args.render:
         d = json.loads(args.render.read_text())
         if args.replace or args.merge:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +107,81 @@ def test_merge_results_replaces_rows_adds_seeds_and_records_both(bench, tmp_path
     assert bench.main(["--render", str(target), "--merge", str(src)]) == 0
     assert len(json.loads(target.read_text())["rows"][0]["seeds"]) == 5
     assert "a wide: 3 more seeds (100-102) from more.json" in (tmp_path / "precision.md").read_text()
+
+
+def _chain(depth: int, width: int = 32) -> torch.nn.Module:
+    """``depth`` x (Linear, BatchNorm1d, ReLU) with He-initialised weights (a layer gain of ~1 before the BN)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        lin = torch.nn.Linear(width, width)
+        torch.nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(lin.bias)
+        layers += [lin, torch.nn.BatchNorm1d(width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def _scales(model) -> list:
+    return [(m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)).detach().numpy()
+            for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+
+
+def test_wide_calib_bn_normalises_its_own_input_with_wides_gamma_and_beta(bench):
+    import copy
+
+    net = _chain(6, width=256)
+    wide, calib = bench.wide_bn(copy.deepcopy(net), seed=3), bench.wide_calib_bn(copy.deepcopy(net), seed=3,
+                                                                                shape=(1, 256))
+    outs = []  # each BN's output on the calibration batch, in float64
+    x = torch.from_numpy(bench.calibration_input((1, 256), seed=3))
+    net64 = copy.deepcopy(calib).double().eval()
+    for m in net64.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.register_forward_hook(lambda m, i, o: outs.append(o.detach().numpy()))
+    with torch.no_grad():
+        net64(x)
+    bns = [(a, b) for a, b in zip(wide.modules(), calib.modules()) if isinstance(a, torch.nn.BatchNorm1d)]
+    assert len(outs) == len(bns) == 6
+    for (a, b), y in zip(bns, outs):  # wide's gamma and beta; the statistics are the input's own
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert not torch.equal(a.running_var, b.running_var)
+        np.testing.assert_allclose(y.mean(0), b.bias.detach().double().numpy(), atol=1e-4)
+        np.testing.assert_allclose(y.std(0), b.weight.detach().double().numpy(), rtol=1e-3)
+    for s in _scales(calib):  # far from 1 per channel, both ways
+        assert s.max() / s.min() > 100 and (s > 2).mean() > 0.1 and (s < 0.5).mean() > 0.1
+    with pytest.raises(ValueError, match="input shape"):
+        bench.wide_calib_bn(copy.deepcopy(net), seed=3)
+
+
+def test_wide_calib_keeps_a_deep_float64_reference_inside_fp32(bench):
+    """60 BNs deep: wide's float64 output passes fp32's largest value, wide_calib's stays near the typical one."""
+    net = _chain(60)
+    x = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
+    fp32_max = float(np.finfo(np.float32).max)
+    wide = np.abs(bench.reference(bench.wide_bn(net, seed=1).eval(), x)).max()
+    calib = np.abs(bench.reference(bench.wide_calib_bn(net, seed=1, shape=(1, 32)).eval(), x)).max()
+    typical = np.abs(bench.reference(bench.BN_KINDS["typical"](net, seed=1).eval(), x)).max()
+    assert wide > fp32_max
+    assert 0 < calib < 1e3 and 1e-3 < calib / typical < 1e3
+
+
+def test_wide_calib_rows_are_judged_as_wide_and_an_unknown_bn_is_refused(bench, tmp_path):
+    res = _result({("a", "wide_calib"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)],
+                   ("a", "typical"): [(0, 0.5, 1.0), (1, 0.6, 1.0), (2, 0.55, 1.0)]})
+    out = bench.merge_results(res, [], [])
+    v = {r["bn"]: r["summary"]["verdict_cpu_"] for r in out["rows"]}
+    assert v == {"wide_calib": "below / below", "typical": "within 5% / within 5%"}
+    assert bench.judge({"bn": "wide_calib", "candidates": {"bnfold_fp16": {"max_rel": 1.0, "mean_rel": 1.0},
+                                                          "occ_fp16_unfolded": {"max_rel": 1.0, "mean_rel": 1.0}}},
+                       "") == "NOT met"  # equal is not below
+    # a new BN kind's rows are added after the same model's rows
+    more = bench.merge_results(_result({("a", "typical"): [(0, 1.0, 1.0)], ("a", "wide"): [(0, 1.0, 1.0)],
+                                        ("b", "typical"): [(0, 1.0, 1.0)]}),
+                               [("c.json", _result({("a", "wide_calib"): [(0, 0.5, 1.0)],
+                                                    ("c", "wide_calib"): [(0, 0.5, 1.0)]}))], [])
+    assert [(r["model"], r["bn"]) for r in more["rows"]] == [("a", "typical"), ("a", "wide"), ("a", "wide_calib"),
+                                                             ("b", "typical"), ("c", "wide_calib")]
+    assert more["meta"]["notes"] == ["a wide_calib, c wide_calib added d (c.json)"]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--bn", "wide_clib", "--models", "mlp_bn", "--out", str(tmp_path)])
+    assert e.value.code == 2 and not list(tmp_path.iterdir())
