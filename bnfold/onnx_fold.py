@@ -64,7 +64,8 @@ def check_input_started(model: onnx.ModelProto, name: str = "", *, source_path=N
 
     label = name or "model"
     # the file the model was loaded from, when given, is checked as a file (no re-serialization of the model)
-    verdict = checker_error_in_background(source_path if source_path is not None else model)
+    verdict = checker_error_in_background(source_path if source_path is not None else model,
+                                          nodes=sum(len(g.node) for g in walk_graphs(model.graph)))
 
     def wait(failed: BaseException | None = None) -> None:
         """Raise the checker's complaint, if any (it wins over ``failed``, an error of the work done meanwhile);

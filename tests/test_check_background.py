@@ -20,6 +20,12 @@ from .helpers import G
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 
 
+@pytest.fixture(autouse=True)
+def _background_for_small_graphs(monkeypatch):
+    """These tests' graphs are small: check them in the background all the same (see the last test)."""
+    monkeypatch.setattr(check, "BACKGROUND_MIN_NODES", 0)
+
+
 def _valid(path):
     g = G()
     y = g.bn(g.conv(g.input("x", [1, 3, 8, 8]), 3, 8), 8)
@@ -164,3 +170,26 @@ def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch):
         os.waitpid(children[0], os.WNOHANG)  # the child is gone and reaped (not running, not a zombie)
     time.sleep(1.0)
     assert not marker.exists()  # the child was stopped, not waited for
+
+
+def test_a_small_graph_is_checked_here(tmp_path, monkeypatch):
+    """A fork costs more (~7 ms) than checking a small graph (~20 us a node): under BACKGROUND_MIN_NODES nodes
+    the check runs in this process; from it on, in a child."""
+    _valid(tmp_path / "ok.onnx")
+    monkeypatch.setattr(check, "_fork_is_safe", lambda: True)
+    monkeypatch.setattr(check, "BACKGROUND_MIN_NODES", 1000)
+    forks: list = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+    monkeypatch.setattr(os, "fork", fork)
+    fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out.onnx")
+    assert forks == []
+    monkeypatch.setattr(check, "BACKGROUND_MIN_NODES", 2)  # (the test graph has 3 nodes)
+    fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out2.onnx")
+    assert len(forks) == 1
+    assert count_bn(onnx.load(tmp_path / "out2.onnx")) == 0
