@@ -20,6 +20,21 @@ from .helpers import G
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 
 
+@pytest.fixture
+def forks(monkeypatch) -> list:
+    """The pids of the children ``os.fork`` makes while the test runs (as seen by the parent)."""
+    pids: list = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+    monkeypatch.setattr(os, "fork", fork)
+    return pids
+
+
 @pytest.fixture(autouse=True)
 def _background_for_small_graphs(monkeypatch):
     """These tests' graphs are small: check them in the background all the same (see the last test)."""
@@ -131,7 +146,7 @@ def test_a_valid_fold_with_the_background_check(tmp_path, monkeypatch):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch):
+def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch, forks):
     """Ctrl-C while planning: the child is stopped and nothing is checked in this process (the interrupt is
     not delayed by a check), and no child is left behind."""
     from bnfold import planner
@@ -153,40 +168,22 @@ def test_an_interrupt_abandons_the_check(tmp_path, monkeypatch):
         return None
     monkeypatch.setattr(check, "checker_error", slow_check)
     monkeypatch.setattr(planner, "plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    children: list = []
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            children.append(pid)
-        return pid
-    monkeypatch.setattr(os, "fork", fork)
     with pytest.raises(KeyboardInterrupt):
         fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out.onnx")
     assert here == [] and not (tmp_path / "out.onnx").exists()
-    assert len(children) == 1
+    assert len(forks) == 1
     with pytest.raises(ChildProcessError):
-        os.waitpid(children[0], os.WNOHANG)  # the child is gone and reaped (not running, not a zombie)
+        os.waitpid(forks[0], os.WNOHANG)  # the child is gone and reaped (not running, not a zombie)
     time.sleep(1.0)
     assert not marker.exists()  # the child was stopped, not waited for
 
 
-def test_a_small_graph_is_checked_here(tmp_path, monkeypatch):
+def test_a_small_graph_is_checked_here(tmp_path, monkeypatch, forks):
     """A fork costs more (~7 ms) than checking a small graph (~20 us a node): under BACKGROUND_MIN_NODES nodes
     the check runs in this process; from it on, in a child."""
     _valid(tmp_path / "ok.onnx")
     monkeypatch.setattr(check, "_fork_is_safe", lambda: True)
     monkeypatch.setattr(check, "BACKGROUND_MIN_NODES", 1000)
-    forks: list = []
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-    monkeypatch.setattr(os, "fork", fork)
     fold_onnx_file(tmp_path / "ok.onnx", tmp_path / "out.onnx")
     assert forks == []
     monkeypatch.setattr(check, "BACKGROUND_MIN_NODES", 2)  # (the test graph has 3 nodes)
