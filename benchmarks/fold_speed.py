@@ -1180,7 +1180,7 @@ def write_markdown(res: dict, path: Path) -> None:
     lines.append("")
     lines.append(f"Target: bnfold ≤ {TARGET_RATIO}× the floor. \"median/min\" are warm runs in one process; "
                  f"\"cold\" is the median of {s.get('cold_reps')} runs, each the first operation of a fresh process "
-                 "(imports not timed), as with the command line. Peak RSS is the cold child's `ru_maxrss` (median), "
+                 "(imports not timed), as with the command line. Peak RSS is the cold child's own VmHWM (median, read in the child; not `ru_maxrss`, which a child inherits from its parent), "
                  "imports included; \"RSS of the op\" is the peak minus the peak right after the imports. Model "
                  f"size on disk: {model['size_bytes'] / 1e6:.1f} MB.")
     lines += ["", "## What the numbers say", "", " ".join(build_summary(res))]
